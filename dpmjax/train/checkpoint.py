@@ -1,0 +1,151 @@
+"""Checkpoints of a training run with orbax-checkpoint.
+
+Layout of a run directory::
+
+    DIR/config.json          the TrainConfig (written atomically)
+    DIR/losses.jsonl         one {"step": k, "loss": v} line per step (later lines win)
+    DIR/checkpoints/<step>/  orbax checkpoints: the TrainState and a copy of the config
+
+orbax writes each step into a temporary directory and renames it when complete, so a
+run killed at any moment (even with SIGKILL) leaves its earlier checkpoints intact; the
+leftover temporary directory is removed when the run is reopened. Anything else that
+goes wrong while reading a checkpoint raises ``RuntimeError`` (unreadable) or
+``ValueError`` (written by a different run), naming the directory; nothing falls back
+silently to a fresh start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from .config import TrainConfig
+
+CHECKPOINT_SUBDIR = "checkpoints"
+LOSSES_FILE = "losses.jsonl"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+class RunCheckpoints:
+    """The orbax ``CheckpointManager`` of one run directory.
+
+    Args:
+      directory: the run directory (checkpoints go to ``directory/checkpoints``).
+      keep: how many of the most recent checkpoints to keep.
+      read_only: open without creating anything (for sampling).
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False):
+        self.run_dir = os.path.abspath(directory)
+        self.directory = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
+        if read_only and not os.path.isdir(self.directory):
+            raise FileNotFoundError(f"{self.run_dir}: no {CHECKPOINT_SUBDIR}/ directory (nothing trained here)")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=False,
+            cleanup_tmp_directories=not read_only,
+        )
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as e:  # orbax raises a variety of errors on unreadable directories
+            raise CheckpointError(f"{self.directory}: cannot open checkpoints ({_first_line(e)})") from e
+        self._check_listing()
+
+    def _check_listing(self):
+        # A directory named like a step that orbax does not recognise as a finished
+        # checkpoint was damaged after it was written (orbax writes to a temporary name).
+        steps = set(self._manager.all_steps())
+        for name in os.listdir(self.directory):
+            if name.isdigit() and int(name) not in steps:
+                raise CheckpointError(
+                    f"{self.directory}: step directory {name!r} is not a complete orbax checkpoint; "
+                    "remove it to resume from an earlier step"
+                )
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any, config: TrainConfig) -> None:
+        """Save ``state`` (any pytree of arrays) and ``config`` as checkpoint ``step``, synchronously."""
+        self._manager.save(
+            int(step),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(config.to_dict()),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, step: int, abstract_state: Any, config: TrainConfig) -> Any:
+        """Restore checkpoint ``step`` into the structure of ``abstract_state``.
+
+        Raises:
+          ValueError: the checkpoint was written by a run with a different config.
+          CheckpointError: it is unreadable or its arrays do not fit ``abstract_state``.
+        """
+        where = os.path.join(self.directory, str(step))
+        try:
+            saved = self._manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            saved_config = TrainConfig.from_dict(saved.config)
+        except Exception as e:
+            raise CheckpointError(f"{where}: unreadable checkpoint config ({_first_line(e)})") from e
+        diff = saved_config.mismatches(config)
+        if diff:
+            raise ValueError(f"{where}: checkpoint was written by a different run ({'; '.join(diff)})")
+        try:
+            restored = self._manager.restore(
+                int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+            ).state
+        except Exception as e:
+            raise CheckpointError(f"{where}: cannot restore checkpoint ({_first_line(e)})") from e
+        want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract_state)
+        got = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), restored)
+        if jax.tree.structure(restored) != jax.tree.structure(abstract_state) or want != got:
+            raise CheckpointError(f"{where}: checkpoint arrays do not match the model of this run")
+        return restored
+
+    def close(self):
+        self._manager.close()
+
+
+def append_losses(run_dir: str, losses: dict[int, float]) -> None:
+    """Append ``{"step", "loss"}`` lines to ``run_dir/losses.jsonl``."""
+    if not losses:
+        return
+    with open(os.path.join(run_dir, LOSSES_FILE), "a") as f:
+        for step in sorted(losses):
+            f.write(json.dumps({"step": int(step), "loss": float(losses[step])}) + "\n")
+
+
+def read_losses(run_dir: str) -> dict[int, float]:
+    """``{step: loss}`` from ``run_dir/losses.jsonl``; for a step logged twice (a resumed run) the last wins."""
+    out: dict[int, float] = {}
+    path = os.path.join(run_dir, LOSSES_FILE)
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            out[int(rec["step"])] = float(rec["loss"])
+    return out
