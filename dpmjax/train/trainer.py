@@ -252,3 +252,28 @@ class Trainer:
             raise
         bar.close()
         return TrainResult(state, losses, start)
+
+
+def load_trained(directory: str, *, step: Optional[int] = None) -> tuple[Trainer, TrainState]:
+    """Rebuild the run saved in ``directory`` (from its ``config.json``) and restore a checkpoint.
+
+    Opens the checkpoints read-only. Returns ``(trainer, state)``; sample with
+    ``trainer.model_fn`` and ``state.ema_params`` under ``trainer.schedule``.
+
+    Raises:
+      FileNotFoundError: ``directory`` is not a training directory or holds no checkpoint.
+      ValueError / CheckpointError: the config or the checkpoint is corrupt or mismatched.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    config = read_config(directory)
+    trainer = Trainer(config, None)
+    trainer.directory = directory
+    trainer._checkpoints = ckpt.RunCheckpoints(directory, keep=config.keep_checkpoints, read_only=True)
+    steps = trainer._checkpoints.all_steps()
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint saved yet")
+    if step is not None and step not in steps:
+        raise ValueError(f"{directory}: no checkpoint for step {step}; saved steps are {steps}")
+    return trainer, trainer.restore(step)

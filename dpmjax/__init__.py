@@ -1,0 +1,30 @@
+"""dpmjax: DPM-Solver, DPM-Solver++ and UniPC samplers for diffusion models in JAX.
+
+The public API is listed here and nothing else is; see the README for a tour.
+"""
+
+from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
+from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, sample
+from .schedules import NoiseSchedule, VPCosine, VPDiscrete, VPLinear, VPSchedule
+from .timesteps import SKIP_TYPES, time_grid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALGORITHMS",
+    "METHODS",
+    "MODEL_TYPES",
+    "SKIP_TYPES",
+    "SOLVER_TYPES",
+    "UNIPC_VARIANTS",
+    "NoiseSchedule",
+    "VPCosine",
+    "VPDiscrete",
+    "VPLinear",
+    "VPSchedule",
+    "dynamic_threshold",
+    "sample",
+    "time_grid",
+    "to_data",
+    "to_noise",
+]

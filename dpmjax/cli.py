@@ -1,0 +1,367 @@
+"""Command line: ``dpmjax demo | train | sample``.
+
+``dpmjax demo`` trains a small MLP on the two-moons data on the CPU (about a minute
+on two cores), then samples it with DPM-Solver++(2M), DPM-Solver-fast and DDIM at 10
+model evaluations and with a 200-evaluation DPM-Solver++ reference, printing the
+sliced Wasserstein distance of each to the data and writing a side-by-side picture.
+
+Errors in the arguments, data sets or checkpoints end the program with exit status 2
+and a one-line message; an interrupted ``train`` (Ctrl-C) saves a checkpoint first and
+resumes when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Optional, Sequence
+
+PROG = "dpmjax"
+
+
+class _UsageError(Exception):
+    """An error to report as one line with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2 (argparse's default prints the usage too)
+        raise _UsageError(f"{self.prog}: error: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .train.config import SCHEDULES
+    from .train.data import DATASETS
+
+    import dpmjax
+
+    parser = _Parser(prog=PROG, description="DPM-Solver samplers in JAX: demo, training and sampling.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="train a 2-D model on the CPU and compare samplers at 10 NFE")
+    demo.add_argument("--out", default=os.path.join("out", "demo"), help="output directory (default: out/demo)")
+    demo.add_argument("--train-steps", type=_positive_int, default=5000, help="training steps (default: 5000)")
+    demo.add_argument("--data", choices=[d for d in DATASETS if d != "digits"], default="moons",
+                      help="2-D data set (default: moons)")
+    demo.add_argument("--samples", type=_positive_int, default=4000, help="samples per method (default: 4000)")
+    demo.add_argument("--seed", type=_nonnegative_int, default=0)
+    demo.add_argument("--width", type=_positive_int, default=None, help="MLP width (default: 64)")
+    demo.add_argument("--depth", type=_positive_int, default=None, help="MLP residual blocks (default: 3)")
+    demo.add_argument("--batch-size", type=_positive_int, default=None)
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    train = sub.add_parser("train", help="train a network, with resumable checkpoints")
+    train.add_argument("--data", choices=DATASETS, default=None, help="data set (required for a new run)")
+    train.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
+    train.add_argument("--steps", type=_positive_int, default=None)
+    train.add_argument("--seed", type=_nonnegative_int, default=None)
+    train.add_argument("--schedule", choices=SCHEDULES, default=None, help="noise schedule (default: linear)")
+    train.add_argument("--batch-size", type=_positive_int, default=None)
+    train.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate")
+    train.add_argument("--width", type=_positive_int, default=None, help="MLP width (2-D data)")
+    train.add_argument("--depth", type=_positive_int, default=None, help="MLP residual blocks (2-D data)")
+    train.add_argument("--channels", type=_positive_int, default=None, help="UNet base channels (digits)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=None)
+    train.add_argument("--keep-checkpoints", type=_positive_int, default=None)
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sample = sub.add_parser("sample", help="sample a trained checkpoint")
+    sample.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train`")
+    sample.add_argument("--step", type=_nonnegative_int, default=None, help="checkpoint step (default: latest)")
+    sample.add_argument("--algorithm", choices=dpmjax.ALGORITHMS, default="dpmsolver++")
+    sample.add_argument("--method", choices=dpmjax.METHODS, default="multistep")
+    sample.add_argument("--order", type=int, choices=(1, 2, 3), default=2)
+    sample.add_argument("--steps", type=_positive_int, default=10, help="model evaluations (NFE)")
+    sample.add_argument("--skip-type", choices=dpmjax.SKIP_TYPES, default="logSNR")
+    sample.add_argument("--guidance-scale", type=_finite_float, default=None,
+                        help="classifier-free guidance scale (class-conditional models; default 2)")
+    sample.add_argument("--class", dest="class_", type=_nonnegative_int, default=None,
+                        help="sample only this class (default: a grid of all classes)")
+    sample.add_argument("--num", type=_positive_int, default=None,
+                        help="number of samples (default: 2000 points, or 8 images per class)")
+    sample.add_argument("--seed", type=_nonnegative_int, default=0)
+    sample.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA parameters")
+    sample.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+    return parser
+
+
+# -- train --------------------------------------------------------------------------------
+
+
+def _train_config(args):
+    from .train.config import TrainConfig, default_model_spec, read_config
+
+    out = args.out or (os.path.join("runs", args.data) if args.data else None)
+    if out is None:
+        raise _UsageError(f"{PROG} train: error: --data is required (or --out of an existing run)")
+    if os.path.exists(os.path.join(out, "config.json")):
+        base = read_config(out)
+        if args.data is not None and args.data != base.data:
+            raise ValueError(f"{out} holds a run on data={base.data!r}, not {args.data!r}; use another --out")
+    else:
+        if args.data is None:
+            raise _UsageError(f"{PROG} train: error: --data is required for a new run ({out} has no config.json)")
+        base = TrainConfig(data=args.data)
+    fields = {"steps": args.steps, "seed": args.seed, "schedule": args.schedule, "batch_size": args.batch_size,
+              "learning_rate": args.lr, "checkpoint_every": args.checkpoint_every,
+              "keep_checkpoints": args.keep_checkpoints}
+    cfg = base.to_dict()
+    cfg.update({k: v for k, v in fields.items() if v is not None})
+    model = dict(cfg["model"] or default_model_spec(cfg["data"], cfg["schedule"]))
+    if args.schedule is not None and base.model is not None and args.schedule != base.schedule:
+        model = default_model_spec(cfg["data"], cfg["schedule"])  # let the mismatch show on 'schedule'
+    for flag, key, kind in ((args.width, "width", "mlp"), (args.depth, "depth", "mlp"),
+                            (args.channels, "channels", "unet")):
+        if flag is not None:
+            if model["kind"] != kind:
+                raise _UsageError(f"{PROG} train: error: --{key} applies to the {kind} model, "
+                                  f"but data={cfg['data']!r} uses the {model['kind']} model")
+            model[key] = flag
+    cfg["model"] = model
+    return TrainConfig.from_dict(cfg), out
+
+
+def _cmd_train(args) -> int:
+    from .train.trainer import Trainer
+
+    config, out = _train_config(args)
+    trainer = Trainer(config, out)
+    latest = trainer._checkpoints.latest_step()
+    if latest is not None:
+        print(f"resuming {out} from step {latest}", file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        result = trainer.train(progress=not args.no_progress)
+    except KeyboardInterrupt:
+        step = trainer._checkpoints.latest_step()
+        print(f"{PROG} train: interrupted; checkpoint at step {step} in {os.path.abspath(out)}; "
+              "run the same command to resume", file=sys.stderr)
+        return 130
+    state = result.state
+    last = [result.losses[k] for k in sorted(result.losses)[-100:]]
+    mean_loss = sum(last) / len(last) if last else float("nan")
+    print(f"trained {config.data} to step {int(state.step)} in {time.perf_counter() - t0:.1f}s; "
+          f"mean loss of the last {len(last)} steps {mean_loss:.4f}; EMA eval loss "
+          f"{trainer.eval_loss(state.ema_params):.4f}; checkpoints in {os.path.abspath(out)}")
+    return 0
+
+
+# -- sample -------------------------------------------------------------------------------
+
+
+def _cmd_sample(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import dpmjax
+    from .train import plots
+    from .train.metrics import sliced_wasserstein
+    from .train.trainer import load_trained
+
+    trainer, state = load_trained(args.checkpoint, step=args.step)
+    ds = trainer.dataset
+    params = state.params if args.no_ema else state.ema_params
+    key = jax.random.key(args.seed)
+    kwargs = dict(schedule=trainer.schedule, algorithm=args.algorithm, method=args.method, order=args.order,
+                  steps=args.steps, skip_type=args.skip_type)
+    label = f"{args.algorithm} {args.method} order {args.order}, {args.steps} NFE, {args.skip_type}"
+
+    if ds.num_classes == 0:
+        if args.class_ is not None or args.guidance_scale is not None:
+            raise ValueError(f"--class/--guidance-scale need a class-conditional model; {ds.name} is unlabelled")
+        n = args.num or 2000
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, key, (n,) + ds.shape, **kwargs))
+        seconds = time.perf_counter() - t0
+        ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
+        swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
+        if not math.isfinite(swd):
+            raise RuntimeError(f"samples are not finite ({label})")
+        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD {swd:.4f}", x)], args.out)
+        print(f"wrote {args.out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
+              f"sliced Wasserstein distance to the data {swd:.4f}")
+        return 0
+
+    if args.class_ is not None and args.class_ >= ds.num_classes:
+        raise ValueError(f"--class must be in 0..{ds.num_classes - 1}, got {args.class_}")
+    scale = 2.0 if args.guidance_scale is None else args.guidance_scale
+    if args.class_ is None:
+        per = args.num or 8
+        labels = jnp.repeat(jnp.arange(ds.num_classes, dtype=jnp.int32), per)
+        rows = ds.num_classes
+    else:
+        n = args.num or 64
+        labels = jnp.full((n,), args.class_, jnp.int32)
+        rows = max(1, int(math.sqrt(n)))
+    null = jnp.full(labels.shape, ds.num_classes, jnp.int32)
+    t0 = time.perf_counter()
+    x = jax.block_until_ready(dpmjax.sample(
+        trainer.model_fn, params, key, (labels.shape[0],) + ds.shape, condition=labels,
+        unconditional_condition=null, guidance_scale=scale, **kwargs))
+    seconds = time.perf_counter() - t0
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
+    plots.image_grid(x, args.out, rows=rows, title=f"{label}, guidance {scale:g}")
+    print(f"wrote {args.out}: {labels.shape[0]} images, {label}, guidance scale {scale:g}, "
+          f"{seconds:.2f}s (incl. compile)")
+    return 0
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+DEMO_METHODS = (
+    # (label, sampler keyword arguments)
+    ("DPM-Solver++(2M)", dict(algorithm="dpmsolver++", method="multistep", order=2, steps=10, skip_type="logSNR")),
+    ("DPM-Solver-fast", dict(algorithm="dpmsolver", method="singlestep", order=3, steps=10, skip_type="logSNR")),
+    ("DDIM", dict(algorithm="dpmsolver", method="multistep", order=1, steps=10, skip_type="time_uniform")),
+    ("DPM-Solver++ reference", dict(algorithm="dpmsolver++", method="multistep", order=2, steps=200,
+                                    skip_type="logSNR")),
+)
+
+
+def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples: int = 4000, seed: int = 0,
+             width: Optional[int] = None, depth: Optional[int] = None, batch_size: Optional[int] = None,
+             progress: bool = True, log=print) -> dict:
+    """Train (or resume) the demo model and compare the samplers; returns ``{label: result}``.
+
+    Each result has ``nfe``, ``swd`` (sliced Wasserstein distance to fresh data samples),
+    ``ref_err`` (mean distance to the 200-NFE reference sample from the same noise),
+    ``seconds`` (one call after compilation) and ``compile_seconds``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import dpmjax
+    from .train import plots
+    from .train.config import TrainConfig, default_model_spec
+    from .train.metrics import sliced_wasserstein
+    from .train.trainer import Trainer
+
+    t_all = time.perf_counter()
+    model = default_model_spec(data, "linear")
+    model.update({k: v for k, v in (("width", width), ("depth", depth)) if v is not None})
+    config = TrainConfig(data=data, steps=train_steps, seed=seed, model=model,
+                         checkpoint_every=max(1, min(1000, train_steps)),
+                         **({} if batch_size is None else {"batch_size": batch_size}))
+    run_dir = os.path.join(out, f"run-{data}-{train_steps}")
+    trainer = Trainer(config, run_dir)
+    t0 = time.perf_counter()
+    state = trainer.train(progress=progress).state
+    train_seconds = time.perf_counter() - t0
+    log(f"trained a {model['width']}-wide, {model['depth']}-block MLP on {data} for {train_steps} steps "
+        f"in {train_seconds:.1f}s (checkpoints: {run_dir})")
+
+    ds, params = trainer.dataset, state.ema_params
+    shape = (samples,) + ds.shape
+    noise = jax.random.normal(jax.random.key(seed + 1), shape)
+    data_ref, _ = ds.sample(jax.random.key(seed + 2), samples)
+    data_other, _ = ds.sample(jax.random.key(seed + 3), samples)
+    proj_key = jax.random.key(seed + 4)
+    results, xs = {}, {}
+    for label, kw in DEMO_METHODS:
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, shape, schedule=trainer.schedule,
+                                                noise=noise, **kw))
+        compile_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, shape, schedule=trainer.schedule,
+                                                noise=noise, **kw))
+        seconds = time.perf_counter() - t0
+        xs[label] = x
+        results[label] = {"nfe": kw["steps"], "swd": float(sliced_wasserstein(x, data_ref, proj_key)),
+                          "seconds": seconds, "compile_seconds": compile_seconds}
+    x_ref = xs[DEMO_METHODS[-1][0]]
+    for label in results:
+        results[label]["ref_err"] = float(jnp.mean(jnp.linalg.norm(xs[label] - x_ref, axis=-1)))
+    floor = float(sliced_wasserstein(data_other, data_ref, proj_key))
+
+    log(f"\n{samples} samples per method; SWD = sliced Wasserstein distance to {samples} fresh data points "
+        f"(two data samples differ by {floor:.4f});\n|x - x_ref| = mean distance to the 200-NFE sample from the "
+        "same starting noise.\n")
+    log(f"{'method':<24}{'NFE':>5}{'SWD':>9}{'|x - x_ref|':>13}{'time (s)':>10}{'compile (s)':>13}")
+    for label, r in results.items():
+        log(f"{label:<24}{r['nfe']:>5}{r['swd']:>9.4f}{r['ref_err']:>13.4f}{r['seconds']:>10.3f}"
+            f"{r['compile_seconds']:>13.2f}")
+
+    panels = [(f"data ({data})", data_ref)]
+    panels += [(f"{label}, {r['nfe']} NFE\nSWD {r['swd']:.3f}", xs[label]) for label, r in results.items()]
+    png = os.path.join(out, "demo.png")
+    plots.scatter_panels(panels, png, suptitle=f"{data}: samplers at 10 model evaluations vs a 200-NFE reference")
+    log(f"\nwrote {png}; total {time.perf_counter() - t_all:.1f}s")
+    return results
+
+
+def _cmd_demo(args) -> int:
+    import math as _math
+
+    results = run_demo(args.out, train_steps=args.train_steps, data=args.data, samples=args.samples,
+                       seed=args.seed, width=args.width, depth=args.depth, batch_size=args.batch_size,
+                       progress=not args.no_progress)
+    if not all(_math.isfinite(r["swd"]) for r in results.values()):
+        raise RuntimeError("a sampler produced non-finite samples")
+    return 0
+
+
+# -- entry point --------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from .train.checkpoint import CheckpointError
+
+    try:
+        args = _build_parser().parse_args(argv)
+        return {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample}[args.command](args)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, CheckpointError, RuntimeError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

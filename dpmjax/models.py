@@ -1,0 +1,82 @@
+"""Model parameterisations, guidance and thresholding (REFERENCE.md "Model parameterisations").
+
+The solver needs either the noise prediction ``eps(x, t)`` ("dpmsolver") or the data
+prediction ``x0(x, t) = (x - sigma_t eps) / alpha_t`` ("dpmsolver++"). Each network
+output type maps to both by an affine map in the output:
+
+============  =================================  =================================
+model_type    eps                                x0
+============  =================================  =================================
+"noise"       out                                (x - sigma out) / alpha
+"x_start"     (x - alpha out) / sigma            out
+"v"           alpha out + sigma x                alpha x - sigma out
+"score"       -sigma out                         (x + sigma^2 out) / alpha
+============  =================================  =================================
+
+Because the maps are affine with the same ``x``, classifier-free guidance
+``eps_u + s (eps_c - eps_u)`` can be applied to the raw outputs before conversion.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["MODEL_TYPES", "to_noise", "to_data", "dynamic_threshold"]
+
+MODEL_TYPES = ("noise", "x_start", "v", "score")
+
+
+def _bcast(a, x):
+    """Per-sample ``(B,)`` or scalar coefficient broadcast against ``x`` of shape ``(B, ...)``."""
+    a = jnp.asarray(a)
+    return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
+
+
+def to_noise(out, x, alpha, sigma, model_type: str):
+    """Noise prediction ``eps`` from a network output of ``model_type``."""
+    alpha, sigma = _bcast(alpha, x), _bcast(sigma, x)
+    if model_type == "noise":
+        return out
+    if model_type == "x_start":
+        return (x - alpha * out) / sigma
+    if model_type == "v":
+        return alpha * out + sigma * x
+    if model_type == "score":
+        return -sigma * out
+    raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+
+
+def to_data(out, x, alpha, sigma, model_type: str):
+    """Data prediction ``x0`` from a network output of ``model_type``."""
+    alpha, sigma = _bcast(alpha, x), _bcast(sigma, x)
+    if model_type == "noise":
+        return (x - sigma * out) / alpha
+    if model_type == "x_start":
+        return out
+    if model_type == "v":
+        return alpha * x - sigma * out
+    if model_type == "score":
+        return (x + sigma**2 * out) / alpha
+    raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+
+
+def dynamic_threshold(x0, ratio=0.995, max_val=1.0):
+    """Dynamic thresholding of Imagen (Saharia et al. 2022), as in DPM-Solver++.
+
+    Per sample, ``q = quantile(|x0|, ratio)`` (a fraction: ``jnp.quantile``, not
+    ``percentile``), ``q = max(q, max_val)``, ``x0 = clip(x0, -q, q) / q``.
+    """
+    b = x0.shape[0]
+    q = jnp.quantile(jnp.abs(x0).reshape(b, -1), ratio, axis=1)
+    q = _bcast(jnp.maximum(q, max_val), x0)
+    return jnp.clip(x0, -q, q) / q
+
+
+def classifier_gradient(classifier_fn, x, t_model, condition):
+    """``grad_x sum_b log p(c_b | x_b, t)`` for a classifier returning per-sample log-probs."""
+
+    def total(x_):
+        return jnp.sum(classifier_fn(x_, t_model, condition))
+
+    return jax.grad(total)(x)

@@ -1,0 +1,333 @@
+"""Noise schedules as immutable JAX pytrees.
+
+A schedule describes the forward process ``x_t = alpha_t x_0 + sigma_t eps`` by
+``log_alpha(t)`` and ``log_sigma(t)``; everything a DPM-Solver needs follows:
+
+* ``lambda_(t) = log alpha_t - log sigma_t`` (half log-SNR, strictly decreasing),
+* ``inverse_lambda(lam)``, the time at which ``lambda_`` takes the value ``lam``,
+* ``T`` (largest time), ``t_eps`` (default end time, never 0) and
+  ``model_time(t)``, the time value the network is fed.
+
+For variance-preserving (VP) schedules ``sigma_t = sqrt(1 - alpha_t^2)`` is computed in
+log space, ``log sigma = 0.5 log(-expm1(2 log alpha))``: the naive
+``log(1 - exp(.))`` loses ~1e-4 absolute in float32 at t = 1e-3 and far more below
+(DPM-Solver, Lu et al. 2022, App. D; REFERENCE.md "Noise schedules").
+
+Scalar hyper-parameters are static (they fix ``T`` and are validated eagerly); the
+tables of :class:`VPDiscrete` are array leaves, so a schedule can be passed into
+``jax.jit`` as an argument instead of being baked in as constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "NoiseSchedule",
+    "VPSchedule",
+    "VPLinear",
+    "VPCosine",
+    "VPDiscrete",
+    "DIFFUSERS_PREDICTION_TYPES",
+]
+
+
+def _float_dtype():
+    """float32, or float64 when the user enabled ``jax_enable_x64``."""
+    return jnp.result_type(float)
+
+
+def _asarray(t):
+    return jnp.asarray(t, dtype=_float_dtype())
+
+
+class NoiseSchedule:
+    """Interface shared by all schedules. Subclasses define ``log_alpha`` and ``log_sigma``."""
+
+    #: largest time of the schedule (a Python float, static)
+    T: float
+    #: default end time of sampling (a Python float, static, > 0)
+    t_eps: float
+
+    def log_alpha(self, t):
+        raise NotImplementedError
+
+    def log_sigma(self, t):
+        raise NotImplementedError
+
+    def alpha(self, t):
+        """Signal scale ``alpha_t``."""
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t):
+        """Noise scale ``sigma_t``."""
+        return jnp.exp(self.log_sigma(t))
+
+    def lambda_(self, t):
+        """Half log-SNR ``lambda_t = log alpha_t - log sigma_t`` (``lambda`` is a Python keyword)."""
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def inverse_lambda(self, lam):
+        raise NotImplementedError
+
+    def model_time(self, t):
+        """The time value fed to the network at solver time ``t`` (continuous: ``t`` itself)."""
+        return t
+
+    def marginal(self, x0, t, eps):
+        """``x_t = alpha_t x0 + sigma_t eps`` with ``t`` broadcast over the leading (batch) axis."""
+        t = _asarray(t)
+        shape = t.shape + (1,) * (jnp.ndim(x0) - t.ndim)
+        a = self.alpha(t).reshape(shape)
+        s = self.sigma(t).reshape(shape)
+        return a * x0 + s * eps
+
+
+class VPSchedule(NoiseSchedule):
+    """Variance preserving: ``alpha_t^2 + sigma_t^2 = 1``; ``log_sigma`` from ``log_alpha``."""
+
+    def log_sigma(self, t):
+        return 0.5 * jnp.log(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    @staticmethod
+    def _log_alpha_of_lambda(lam):
+        # alpha^2 = 1 / (1 + e^{-2 lam})  =>  log alpha = -0.5 log(1 + e^{-2 lam})
+        return -0.5 * jnp.logaddexp(0.0, -2.0 * lam)
+
+
+def _static_dataclass(cls):
+    """A frozen dataclass registered as a pytree with the given leaves; other fields static."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    leaves = getattr(cls, "_leaves", ())
+    meta = [f.name for f in dataclasses.fields(cls) if f.name not in leaves]
+    return jax.tree_util.register_dataclass(cls, data_fields=list(leaves), meta_fields=meta)
+
+
+@_static_dataclass
+class VPLinear(VPSchedule):
+    """Continuous linear VP schedule of score_sde: ``beta(t) = beta_min + t (beta_max - beta_min)``.
+
+    ``log alpha_t = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``, ``T = 1``.
+    """
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    T: float = 1.0
+    t_eps: float = 1e-3
+
+    def __post_init__(self):
+        if not (self.beta_min > 0 and self.beta_max > self.beta_min):
+            raise ValueError(
+                f"VPLinear needs 0 < beta_min < beta_max, got beta_min={self.beta_min}, beta_max={self.beta_max}"
+            )
+
+    def log_alpha(self, t):
+        t = _asarray(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def inverse_lambda(self, lam):
+        lam = _asarray(lam)
+        b0, b1 = self.beta_min, self.beta_max
+        tmp = 2.0 * (b1 - b0) * jnp.logaddexp(-2.0 * lam, 0.0)
+        return tmp / (jnp.sqrt(b0**2 + tmp) + b0) / (b1 - b0)
+
+
+@_static_dataclass
+class VPCosine(VPSchedule):
+    """Continuous cosine schedule of improved DDPM (Nichol & Dhariwal 2021).
+
+    ``log alpha_t = log cos((t + s)/(1 + s) pi/2) - log cos(s/(1 + s) pi/2)``. ``T = 0.9946``:
+    beyond it lambda collapses (DPM-Solver App. D).
+    """
+
+    s: float = 0.008
+    T: float = 0.9946
+    t_eps: float = 1e-3
+
+    def __post_init__(self):
+        if not (0 < self.s < 1):
+            raise ValueError(f"VPCosine needs 0 < s < 1, got s={self.s}")
+        if not (0 < self.T < 1):
+            raise ValueError(f"VPCosine needs 0 < T < 1, got T={self.T}")
+
+    def _log_alpha_0(self):
+        return math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
+
+    def log_alpha(self, t):
+        t = _asarray(t)
+        return jnp.log(jnp.cos((t + self.s) / (1.0 + self.s) * jnp.pi / 2.0)) - self._log_alpha_0()
+
+    def inverse_lambda(self, lam):
+        lam = _asarray(lam)
+        log_alpha = self._log_alpha_of_lambda(lam)
+        return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(jnp.exp(log_alpha + self._log_alpha_0())) - self.s
+
+
+def _interp(x, xp, fp):
+    """Piecewise-linear interpolation through increasing knots ``xp``, extrapolated linearly."""
+    n = xp.shape[0]
+    i = jnp.clip(jnp.searchsorted(xp, x, side="left"), 1, n - 1)
+    x0, x1 = xp[i - 1], xp[i]
+    y0, y1 = fp[i - 1], fp[i]
+    return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+
+
+#: diffusers ``prediction_type`` -> dpmjax ``model_type``
+DIFFUSERS_PREDICTION_TYPES = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v"}
+
+_NAMED_DEFAULTS = {
+    "linear": (1e-4, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+    "squaredcos_cap_v2": (None, None),
+}
+
+
+@_static_dataclass
+class VPDiscrete(VPSchedule):
+    """Discrete-time (DDPM-style) schedule of ``N`` training steps, seen as a continuous one.
+
+    Knot ``i = 0..N-1`` sits at ``t_i = (i + 1)/N`` with
+    ``log alpha_i = 0.5 log(alphas_cumprod_i)``; ``log_alpha(t)`` is piecewise linear
+    through the knots and extrapolated linearly; ``T = 1``, ``t_eps = 1/N``. The network
+    is fed the training-step index ``t N - 1`` (0 at ``t = 1/N``, ``N - 1`` at ``t = 1``).
+
+    Trailing entries with ``lambda < lambda_min`` (default -5.1) are dropped at
+    construction (this stabilises cosine-like tables); ``N`` is the kept length.
+
+    Build it with :meth:`from_betas`, :meth:`from_alphas_cumprod`, :meth:`from_named`
+    or :meth:`from_diffusers_config`; the constructor takes the (kept) ``log_alphas`` table.
+
+    Example::
+
+        betas = np.linspace(1e-4, 0.02, 1000)
+        schedule = dpmjax.VPDiscrete.from_betas(betas)
+    """
+
+    _leaves = ("t_knots", "log_alphas")
+
+    t_knots: Any
+    log_alphas: Any
+    N: int
+    T: float = 1.0
+    t_eps: float = 0.0
+
+    @classmethod
+    def from_log_alphas(cls, log_alphas, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
+        la = np.asarray(log_alphas, dtype=np.float64)
+        if la.ndim != 1 or la.shape[0] < 2:
+            raise ValueError(f"log_alphas must be a 1-D table of at least 2 entries, got shape {la.shape}")
+        if not np.all(np.isfinite(la)) or np.any(la >= 0):
+            raise ValueError("log_alphas must be finite and < 0 (alphas_cumprod in (0, 1))")
+        if np.any(np.diff(la) >= 0):
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        if lambda_min is not None:
+            lam = la - 0.5 * np.log(-np.expm1(2.0 * la))
+            keep = int(np.sum(lam >= lambda_min))
+            if keep < 2:
+                raise ValueError(f"lambda_min={lambda_min} keeps fewer than 2 entries of the table")
+            la = la[:keep]
+        n = la.shape[0]
+        dtype = _float_dtype()
+        t_knots = jnp.asarray((np.arange(n) + 1.0) / n, dtype=dtype)
+        return cls(t_knots=t_knots, log_alphas=jnp.asarray(la, dtype=dtype), N=n, T=1.0, t_eps=1.0 / n)
+
+    @classmethod
+    def from_betas(cls, betas, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
+        """From a beta table: ``log alpha_i = 0.5 cumsum(log(1 - beta))_i``."""
+        b = np.asarray(betas, dtype=np.float64)
+        if b.ndim != 1 or np.any(b <= 0) or np.any(b >= 1):
+            raise ValueError("betas must be a 1-D array with every entry in (0, 1)")
+        return cls.from_log_alphas(0.5 * np.cumsum(np.log1p(-b)), lambda_min=lambda_min)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
+        """From ``alphas_cumprod`` (``\\bar alpha_i``): ``log alpha_i = 0.5 log(\\bar alpha_i)``."""
+        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        if ac.ndim != 1 or np.any(ac <= 0) or np.any(ac >= 1):
+            raise ValueError("alphas_cumprod must be a 1-D array with every entry in (0, 1)")
+        return cls.from_log_alphas(0.5 * np.log(ac), lambda_min=lambda_min)
+
+    @classmethod
+    def from_named(
+        cls,
+        name: str,
+        num_train_timesteps: int = 1000,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
+        *,
+        lambda_min: float | None = -5.1,
+    ) -> "VPDiscrete":
+        """The common beta tables: ``"linear"``, ``"scaled_linear"`` (Stable Diffusion), ``"squaredcos_cap_v2"``."""
+        if name not in _NAMED_DEFAULTS:
+            raise ValueError(f"name must be one of {sorted(_NAMED_DEFAULTS)}, got {name!r}")
+        n = int(num_train_timesteps)
+        if n < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
+        d0, d1 = _NAMED_DEFAULTS[name]
+        b0 = d0 if beta_start is None else float(beta_start)
+        b1 = d1 if beta_end is None else float(beta_end)
+        if name == "linear":
+            betas = np.linspace(b0, b1, n, dtype=np.float64)
+        elif name == "scaled_linear":
+            betas = np.linspace(b0**0.5, b1**0.5, n, dtype=np.float64) ** 2
+        else:
+
+            def abar(u):
+                return np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
+
+            i = np.arange(n, dtype=np.float64)
+            betas = np.minimum(1.0 - abar((i + 1) / n) / abar(i / n), 0.999)
+        return cls.from_betas(betas, lambda_min=lambda_min)
+
+    @classmethod
+    def from_diffusers_config(
+        cls, config: Mapping[str, Any] | str | os.PathLike, *, lambda_min: float | None = -5.1
+    ) -> tuple["VPDiscrete", str]:
+        """Read a diffusers ``scheduler_config.json`` (a dict or a path).
+
+        Returns ``(schedule, model_type)``: the ``model_type`` to pass to
+        :func:`dpmjax.sample`, from the config's ``prediction_type``.
+        """
+        if not isinstance(config, Mapping):
+            with open(config) as f:
+                config = json.load(f)
+        n = int(config.get("num_train_timesteps", 1000))
+        pred = config.get("prediction_type", "epsilon")
+        if pred not in DIFFUSERS_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type must be one of {sorted(DIFFUSERS_PREDICTION_TYPES)}, got {pred!r}"
+            )
+        trained = config.get("trained_betas")
+        if trained is not None:
+            schedule = cls.from_betas(np.asarray(trained, dtype=np.float64), lambda_min=lambda_min)
+        else:
+            schedule = cls.from_named(
+                config.get("beta_schedule", "linear"),
+                n,
+                config.get("beta_start"),
+                config.get("beta_end"),
+                lambda_min=lambda_min,
+            )
+        return schedule, DIFFUSERS_PREDICTION_TYPES[pred]
+
+    def log_alpha(self, t):
+        t = jnp.asarray(t, dtype=self.log_alphas.dtype)
+        return _interp(t, self.t_knots, self.log_alphas)
+
+    def inverse_lambda(self, lam):
+        lam = jnp.asarray(lam, dtype=self.log_alphas.dtype)
+        log_alpha = self._log_alpha_of_lambda(lam)
+        # log_alphas decreases with t: interpolate t against the reversed (increasing) table.
+        return _interp(log_alpha, self.log_alphas[::-1], self.t_knots[::-1])
+
+    def model_time(self, t):
+        """The training-step index ``t N - 1`` (REFERENCE.md: deliberate, right for any N)."""
+        return t * self.N - 1.0

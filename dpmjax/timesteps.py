@@ -1,0 +1,93 @@
+"""Time grids and per-step order plans (REFERENCE.md "Time grids", "Sampling procedures").
+
+Grids are computed with ``jnp`` from (possibly traced) end points and are vectorised
+over several intervals at once, so the traced program does not grow with ``steps``.
+Order plans are static Python tuples: they decide the structure of the program.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+__all__ = [
+    "SKIP_TYPES",
+    "time_grid",
+    "multistep_orders",
+    "singlestep_orders",
+    "unipc_orders",
+]
+
+SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
+
+
+def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
+    """``n + 1`` decreasing times from ``t_start`` to ``t_end`` (both included).
+
+    * ``"logSNR"``: uniform in ``lambda``, mapped back by ``schedule.inverse_lambda``;
+    * ``"time_uniform"``: ``linspace(t_start, t_end, n + 1)``;
+    * ``"time_quadratic"``: ``linspace(sqrt t_start, sqrt t_end, n + 1) ** 2``.
+
+    ``t_start`` and ``t_end`` may be arrays of the same shape ``S``; the result then has
+    shape ``S + (n + 1,)`` (one grid per pair), which is how singlestep inner points are
+    computed for all outer steps at once. The end points are returned exactly.
+    """
+    t_start = jnp.asarray(t_start, dtype=jnp.result_type(float))
+    t_end = jnp.asarray(t_end, dtype=t_start.dtype)
+    u = jnp.linspace(0.0, 1.0, n + 1, dtype=t_start.dtype)
+    a, b = t_start[..., None], t_end[..., None]
+    if skip_type == "logSNR":
+        la, lb = schedule.lambda_(a), schedule.lambda_(b)
+        ts = schedule.inverse_lambda(la + u * (lb - la))
+    elif skip_type == "time_uniform":
+        ts = a + u * (b - a)
+    elif skip_type == "time_quadratic":
+        sa, sb = jnp.sqrt(a), jnp.sqrt(b)
+        ts = (sa + u * (sb - sa)) ** 2
+    else:
+        raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+    # Pin the end points: inverse_lambda(lambda(t)) is t only to rounding.
+    ts = ts.at[..., 0].set(t_start).at[..., -1].set(t_end)
+    return ts
+
+
+def multistep_orders(order: int, steps: int, lower_order_final: bool) -> tuple[int, ...]:
+    """Order of each multistep DPM-Solver step (1-based ``i``): warm-up ``min(i, order)``;
+    with ``lower_order_final`` and ``steps < 10``, also at most ``steps + 1 - i``."""
+    orders = []
+    for i in range(1, steps + 1):
+        k = min(i, order)
+        if lower_order_final and steps < 10:
+            k = min(k, steps + 1 - i)
+        orders.append(k)
+    return tuple(orders)
+
+
+def unipc_orders(order: int, steps: int, lower_order_final: bool) -> tuple[int, ...]:
+    """UniPC: warm-up ``min(i, order)``; with ``lower_order_final`` at most
+    ``steps + 1 - i`` (no ``steps < 10`` gate, unlike DPM-Solver)."""
+    orders = []
+    for i in range(1, steps + 1):
+        k = min(i, order)
+        if lower_order_final:
+            k = min(k, steps + 1 - i)
+        orders.append(k)
+    return tuple(orders)
+
+
+def singlestep_orders(order: int, steps: int) -> tuple[int, ...]:
+    """Orders of the outer steps of DPM-Solver-fast (their sum is ``steps``, the NFE)."""
+    if order == 3:
+        k = steps // 3 + 1
+        if steps % 3 == 0:
+            orders = [3] * (k - 2) + [2, 1]
+        elif steps % 3 == 1:
+            orders = [3] * (k - 1) + [1]
+        else:
+            orders = [3] * (k - 1) + [2]
+    elif order == 2:
+        orders = [2] * (steps // 2) + ([1] if steps % 2 else [])
+    else:
+        orders = [1] * steps
+    orders = [o for o in orders if o > 0]
+    assert sum(orders) == steps, (order, steps, orders)
+    return tuple(orders)

@@ -1,0 +1,327 @@
+"""One-step updates of DPM-Solver, DPM-Solver++ and UniPC as coefficient tables.
+
+Every update of these solvers is *linear* in the current state and the stored model
+outputs: e.g. multistep DPM-Solver++(2M) is ``x_t = A x_s + c0 m_0 + c1 m_1``. The
+coefficients depend only on the time grid, so they are computed here once, before
+the sampling loop, vectorised over all steps (the traced program does not grow with
+``steps``). The loop body in :mod:`dpmjax.sampler` is then the same for every step
+and every method:
+
+.. code-block:: text
+
+    m    = model(y, t_eval)          # one NFE at the evaluation point y
+    hist = hist.at[slot].set(m)      # ring buffer of model outputs
+    x    = ax x + bx y + sum_k cx[k] hist[k]     # state update (identity if none)
+    y    = ay x + sum_k cy[k] hist[k]            # next evaluation point
+
+Notation (REFERENCE.md; Lu et al. 2022, 2022b; Zhao et al. 2023). A step goes from
+``s`` to ``t < s`` with ``h = lambda_t - lambda_s > 0``. For data prediction
+("dpmsolver++") ``hh = -h``, ``A = sigma_t / sigma_s``, ``c = alpha_t``; for noise
+prediction ("dpmsolver") ``hh = h``, ``A = alpha_t / alpha_s``, ``c = sigma_t``. With
+``phi1 = expm1(hh)``, ``psi2 = phi1 / hh - 1``, ``psi3 = psi2 / hh - 1/2`` the
+published formulas of both algorithms read the same:
+
+* order 1 (DDIM):        ``x_t = A x_s - c phi1 m_s``;
+* 2nd-order corrections: ``- 0.5 c phi1 D`` ("dpmsolver") or ``- c psi2 D`` ("taylor");
+* 3rd-order corrections: ``- c psi2 D1 - c psi3 D2``.
+
+(The papers write ``phi_2 = phi1/h + 1 = -psi2`` and ``phi_3 = psi3`` for "++".)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from .timesteps import time_grid
+
+__all__ = ["Plan", "multistep_plan", "singlestep_plan", "unipc_plan", "step_terms"]
+
+
+class Plan(NamedTuple):
+    """Per-iteration scan inputs (leading axis: model evaluations) and static layout."""
+
+    t_eval: jnp.ndarray  # (n,) time of the model evaluation
+    slot: jnp.ndarray  # (n,) int32, ring-buffer slot the output is written to
+    ax: jnp.ndarray  # (n,) state update: x <- ax x + bx y + cx . hist
+    bx: jnp.ndarray  # (n,)
+    cx: jnp.ndarray  # (n, K)
+    ay: jnp.ndarray  # (n,) next evaluation point: y <- ay x + cy . hist
+    cy: jnp.ndarray  # (n, K)
+    t_state: jnp.ndarray  # (n,) time of x after the iteration
+    step_end: np.ndarray  # (n,) bool, static: the iteration completes a step
+    step_index: np.ndarray  # (n,) int, static: 0-based index of the step it belongs to
+
+
+def step_terms(la_s, ls_s, la_t, ls_t, predict_data: bool):
+    """``A, c, hh, phi1, psi2, psi3`` of the step ``s -> t`` (arrays broadcast)."""
+    lam_s, lam_t = la_s - ls_s, la_t - ls_t
+    h = lam_t - lam_s
+    if predict_data:
+        hh, A, c = -h, jnp.exp(ls_t - ls_s), jnp.exp(la_t)
+    else:
+        hh, A, c = h, jnp.exp(la_t - la_s), jnp.exp(ls_t)
+    phi1 = jnp.expm1(hh)
+    psi2 = phi1 / hh - 1.0
+    psi3 = psi2 / hh - 0.5
+    return A, c, hh, phi1, psi2, psi3
+
+
+def _extend_back(v, n):
+    """Prepend ``n`` linearly extrapolated values (keeps padded ratios finite and distinct)."""
+    d = v[1] - v[0]
+    pad = v[0] - d * jnp.arange(n, 0, -1, dtype=v.dtype)
+    return jnp.concatenate([pad, v])
+
+
+def _select(orders, *by_order):
+    """Pick per row the value computed for that row's order (orders static)."""
+    orders = np.asarray(orders)
+    out = by_order[0]
+    for k, v in enumerate(by_order[1:], start=2):
+        mask = jnp.asarray(orders == k).reshape((-1,) + (1,) * (v.ndim - 1))
+        out = jnp.where(mask, v, out)
+    return out
+
+
+def _to_slots(coefs, grid_index, K):
+    """Scatter coefficients of ``m_j`` (model output at grid index ``grid_index - j``)
+    to ring-buffer slots ``(grid_index - j) % K``; returns ``(n, K)``."""
+    n = grid_index.shape[0]
+    out = jnp.zeros((n, K), coefs[0].dtype)
+    for j, c in enumerate(coefs):
+        onehot = np.eye(K, dtype=bool)[(grid_index - j) % K]
+        out = out + jnp.where(jnp.asarray(onehot), c[:, None], 0.0)
+    return out
+
+
+def _solve_vandermonde3(r1, r2, b1, b2, b3):
+    """Solve ``[[1, 1, 1], [r1, r2, 1], [r1^2, r2^2, 1]] u = b`` elementwise (Cramer's rule;
+    a batched ``linalg.solve`` costs far more compile time for the same numbers)."""
+
+    def det(a, b, c):  # columns a, b, c of a 3x3 matrix
+        return (
+            a[0] * (b[1] * c[2] - b[2] * c[1])
+            - b[0] * (a[1] * c[2] - a[2] * c[1])
+            + c[0] * (a[1] * b[2] - a[2] * b[1])
+        )
+
+    one = jnp.ones_like(r1)
+    col1, col2, col3, rhs = (one, r1, r1**2), (one, r2, r2**2), (one, one, one), (b1, b2, b3)
+    d = det(col1, col2, col3)
+    return det(rhs, col2, col3) / d, det(col1, rhs, col3) / d, det(col1, col2, rhs) / d
+
+
+def _schedule_logs(schedule, ts):
+    return schedule.log_alpha(ts), schedule.log_sigma(ts)
+
+
+def multistep_plan(schedule, ts, orders, *, predict_data: bool, solver_type: str) -> Plan:
+    """Multistep DPM-Solver(++) of the given per-step orders on the grid ``ts`` (steps + 1).
+
+    Step ``i`` (``ts[i] -> ts[i+1]``) uses the outputs at ``ts[i], ts[i-1], ts[i-2]``
+    (``m_0, m_1, m_2``): with ``r0 = h_0 / h``, ``r1 = h_1 / h``,
+    ``D1_0 = (m_0 - m_1)/r0``, ``D1_1 = (m_1 - m_2)/r1``, order 2 adds the 2nd-order
+    correction of ``D1_0``; order 3 adds ``- c psi2 D1 - c psi3 D2`` with
+    ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``.
+    """
+    steps = len(orders)
+    K = max(orders)
+    la, ls = _schedule_logs(schedule, ts)
+    A, c, _, phi1, psi2, psi3 = step_terms(la[:-1], ls[:-1], la[1:], ls[1:], predict_data)
+    lam = _extend_back(la - ls, 2)  # lam[k + 2] is lambda at ts[k]
+    h = lam[3:] - lam[2:-1]
+    r0 = (lam[2:-1] - lam[1:-2]) / h
+    r1 = (lam[1:-2] - lam[:-3]) / h
+    zero = jnp.zeros_like(h)
+
+    base = -c * phi1
+    o1 = (base, zero, zero)
+    if solver_type == "dpmsolver":
+        k2 = -0.5 * c * phi1
+    else:
+        k2 = -c * psi2
+    o2 = (base + k2 / r0, -k2 / r0, zero)
+    d10 = (1 / r0, -1 / r0, zero)
+    d11 = (zero, 1 / r1, -1 / r1)
+    w = r0 / (r0 + r1)
+    D1 = tuple(a + w * (a - b) for a, b in zip(d10, d11))
+    D2 = tuple((a - b) / (r0 + r1) for a, b in zip(d10, d11))
+    o3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(o1, D1, D2))
+
+    coefs = [_select(orders, o1[j], o2[j], o3[j]) for j in range(K)]
+    idx = np.arange(steps)
+    cx = _to_slots(coefs, idx, K)
+    ones = jnp.ones_like(h)
+    return Plan(
+        t_eval=ts[:-1],
+        slot=jnp.asarray(idx % K, jnp.int32),
+        ax=A,
+        bx=zero,
+        cx=cx,
+        ay=ones,
+        cy=jnp.zeros_like(cx),
+        t_state=ts[1:],
+        step_end=np.ones(steps, bool),
+        step_index=idx,
+    )
+
+
+def singlestep_plan(schedule, t_outer, orders, *, skip_type: str, predict_data: bool, solver_type: str) -> Plan:
+    """Singlestep DPM-Solver(++) ("DPM-Solver-fast", "singlestep_fixed").
+
+    Outer step ``j`` goes ``t_outer[j] -> t_outer[j+1]`` with ``orders[j]`` model
+    evaluations at ``s`` and at the inner points ``s1`` (``s2``) of a ``skip_type`` grid
+    of ``orders[j]`` intervals between ``s`` and ``t``; ``r1``, ``r2`` are their lambda
+    fractions. Stage outputs are stored in slots 0, 1, 2.
+    """
+    M = len(orders)
+    K = max(orders)
+    s, t = t_outer[:-1], t_outer[1:]
+    s1_2 = time_grid(schedule, skip_type, s, t, 2)[:, 1]
+    g3 = time_grid(schedule, skip_type, s, t, 3)
+    o = np.asarray(orders)
+    s1 = jnp.where(jnp.asarray(o == 2), s1_2, g3[:, 1])
+    s2 = g3[:, 2]
+
+    la_s, ls_s = _schedule_logs(schedule, s)
+    la_t, ls_t = _schedule_logs(schedule, t)
+    la_1, ls_1 = _schedule_logs(schedule, s1)
+    la_2, ls_2 = _schedule_logs(schedule, s2)
+    h = (la_t - ls_t) - (la_s - ls_s)
+    r1 = ((la_1 - ls_1) - (la_s - ls_s)) / h
+    r2 = ((la_2 - ls_2) - (la_s - ls_s)) / h
+    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data)
+    A1, c1, _, phi1_1, _, _ = step_terms(la_s, ls_s, la_1, ls_1, predict_data)
+    A2, c2, _, phi1_2, psi2_2, _ = step_terms(la_s, ls_s, la_2, ls_2, predict_data)
+    zero = jnp.zeros_like(h)
+
+    # Final update of the outer step, coefficients on (m0, m1, m2).
+    base = -c * phi1
+    f1 = (base, zero, zero)
+    k2 = -0.5 * c * phi1 if solver_type == "dpmsolver" else -c * psi2
+    f2 = (base - k2 / r1, k2 / r1, zero)
+    if solver_type == "dpmsolver":
+        f3 = (base + c * psi2 / r2, zero, -c * psi2 / r2)
+    else:
+        d10 = (-1 / r1, 1 / r1, zero)
+        d11 = (-1 / r2, zero, 1 / r2)
+        D1 = tuple((r2 * a - r1 * b) / (r2 - r1) for a, b in zip(d10, d11))
+        D2 = tuple(2 * (b - a) / (r2 - r1) for a, b in zip(d10, d11))
+        f3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(f1, D1, D2))
+    Fc = jnp.stack([_select(orders, f1[j], f2[j], f3[j]) for j in range(3)], axis=-1)  # (M, 3)
+
+    # Evaluation points: stage 1 = order-1 step to s1; stage 2 = order-1 step to s2
+    # - (r2/r1) c_s2 psi2(s -> s2) (m1 - m0).
+    E1a, E1c = A1, jnp.stack([-c1 * phi1_1, zero, zero], -1)
+    q = (r2 / r1) * c2 * psi2_2
+    E2a, E2c = A2, jnp.stack([-c2 * phi1_2 + q, -q, zero], -1)
+
+    # Expand outer steps into stages (static index arrays).
+    outer = np.concatenate([np.full(k, j) for j, k in enumerate(orders)])
+    stage = np.concatenate([np.arange(k) for k in orders])
+    final = stage == o[outer] - 1
+    nxt = np.where(final, 0, stage + 1)
+    T_eval = jnp.stack([s, s1, s2], axis=-1)
+    t_eval = T_eval[outer, stage]
+
+    fin = jnp.asarray(final)
+    ax = jnp.where(fin, A[outer], 1.0)
+    cx = jnp.where(fin[:, None], Fc[outer], 0.0)
+    n1, n2 = jnp.asarray(nxt == 1), jnp.asarray(nxt == 2)
+    ay = jnp.where(n1, E1a[outer], jnp.where(n2, E2a[outer], 1.0))
+    cy = jnp.where(n1[:, None], E1c[outer], jnp.where(n2[:, None], E2c[outer], 0.0))
+    return Plan(
+        t_eval=t_eval,
+        slot=jnp.asarray(stage, jnp.int32),
+        ax=ax,
+        bx=jnp.zeros_like(ax),
+        cx=cx[:, :K],
+        ay=ay,
+        cy=cy[:, :K],
+        t_state=jnp.where(fin, t[outer], s[outer]),
+        step_end=final,
+        step_index=outer,
+    )
+
+
+def unipc_plan(
+    schedule, ts, orders, *, predict_data: bool, variant: str, use_corrector: np.ndarray
+) -> Plan:
+    """UniPC (Zhao et al. 2023): UniP predictor + UniC corrector, variants ``bh1``/``bh2``.
+
+    Step ``i`` goes ``ts[i-1] -> ts[i]`` with order ``k = orders[i-1]``, history
+    ``m_0`` (at ``ts[i-1]``), ``m_j`` (at ``ts[i-1-j]``), ``r_j = (lambda_j - lambda_0)/h``,
+    ``D_j = (m_j - m_0)/r_j``. With ``B = hh`` (bh1) or ``expm1(hh)`` (bh2) and
+    ``b_i = g_i i! / B`` (``g_1 = psi2``, ``g_2 = psi3``, ``g_3 = g_2/hh - 1/6``):
+
+    * predictor ``x_pred = A x - c phi1 m_0 - c B sum_j rho_p_j D_j``,
+      ``rho_p = solve(R[:-1, :-1], b[:-1])`` (``[0.5]`` for ``k = 2``);
+    * corrector ``x_t = A x - c phi1 m_0 - c B (sum_j rho_c_j D_j + rho_c_k (m_t - m_0))``,
+      ``rho_c = solve(R, b)`` (``[0.5]`` for ``k = 1``), with ``m_t`` the model output at
+      ``x_pred``, which is kept in the history: the corrector costs no model call.
+
+    ``R[i-1] = [r_1, ..., r_{k-1}, 1] ** (i-1)``. Iteration ``n`` evaluates the model at
+    the prediction for ``ts[n]``, corrects it (``use_corrector[n]``, never for ``n = 0``)
+    and predicts ``ts[n+1]``. The ring buffer has ``max(orders) + 1`` slots.
+    """
+    steps = len(orders)
+    K = max(orders) + 1
+    la, ls = _schedule_logs(schedule, ts)
+    # Step i = 1..steps, from ts[i-1] to ts[i] (arrays over i, index i - 1).
+    A, c, hh, phi1, psi2, psi3 = step_terms(la[:-1], ls[:-1], la[1:], ls[1:], predict_data)
+    lam = _extend_back(la - ls, 2)  # lam[k + 2] is lambda at ts[k]
+    h = lam[3:] - lam[2:-1]
+    r1 = (lam[1:-2] - lam[2:-1]) / h  # lambda at ts[i-2]
+    r2 = (lam[:-3] - lam[2:-1]) / h  # lambda at ts[i-3]
+    B = hh if variant == "bh1" else jnp.expm1(hh)
+    g3 = psi3 / hh - 1.0 / 6.0
+    b1, b2, b3 = psi2 / B, psi3 * 2.0 / B, g3 * 6.0 / B
+    zero = jnp.zeros_like(h)
+    base = -c * phi1
+    cB = c * B
+
+    # Predictor coefficients on (m0, m1, m2).
+    p1 = (base, zero, zero)
+    p2 = (base + 0.5 * cB / r1, -0.5 * cB / r1, zero)
+    rho1 = (b2 - r2 * b1) / (r1 - r2)  # solve [[1, 1], [r1, r2]] rho = [b1, b2]
+    rho2 = b1 - rho1
+    p3 = (base + cB * (rho1 / r1 + rho2 / r2), -cB * rho1 / r1, -cB * rho2 / r2)
+    P = [_select(orders, p1[j], p2[j], p3[j]) for j in range(3)]
+
+    # Corrector coefficients on (m_t, m0, m1, m2).
+    c1 = (-0.5 * cB, base + 0.5 * cB, zero, zero)
+    q1 = (b1 - b2) / (1.0 - r1)  # solve [[1, 1], [r1, 1]] rho = [b1, b2]
+    q2 = b1 - q1
+    c2 = (-cB * q2, base + cB * (q1 / r1 + q2), -cB * q1 / r1, zero)
+    u1, u2, u3 = _solve_vandermonde3(r1, r2, b1, b2, b3)
+    c3 = (-cB * u3, base + cB * (u1 / r1 + u2 / r2 + u3), -cB * u1 / r1, -cB * u2 / r2)
+    C = [_select(orders, c1[j], c2[j], c3[j]) for j in range(4)]
+
+    # Iteration n = 0..steps-1: evaluate at ts[n] (slot n % K); correct step n (arrays
+    # index n - 1); predict step n + 1 (arrays index n).
+    n_idx = np.arange(steps)
+    corr = np.asarray(use_corrector, bool).copy()
+    corr[0] = False
+    # Corrector of step n uses arrays at index n - 1; shift by one (row 0 unused).
+    C_shift = [jnp.concatenate([v[:1], v[:-1]]) for v in C]
+    A_shift = jnp.concatenate([A[:1], A[:-1]])
+    cmask = jnp.asarray(corr)
+    cx = _to_slots([jnp.where(cmask, v, 0.0) for v in C_shift[:K]], n_idx, K)
+    ax = jnp.where(cmask, A_shift, 0.0)
+    bx = jnp.where(cmask, 0.0, 1.0)
+    cy = _to_slots(P[: K - 1], n_idx, K)
+    return Plan(
+        t_eval=ts[:-1],
+        slot=jnp.asarray(n_idx % K, jnp.int32),
+        ax=ax,
+        bx=bx.astype(ax.dtype),
+        cx=cx,
+        ay=A,
+        cy=cy,
+        t_state=ts[:-1],
+        step_end=np.ones(steps, bool),
+        step_index=n_idx,
+    )
