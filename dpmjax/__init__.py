@@ -3,6 +3,7 @@
 The public API is listed here and nothing else is; see the README for a tour.
 """
 
+from .analytic import GaussianMixture
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, sample
 from .schedules import NoiseSchedule, VPCosine, VPDiscrete, VPLinear, VPSchedule
@@ -17,6 +18,7 @@ __all__ = [
     "SKIP_TYPES",
     "SOLVER_TYPES",
     "UNIPC_VARIANTS",
+    "GaussianMixture",
     "NoiseSchedule",
     "VPCosine",
     "VPDiscrete",

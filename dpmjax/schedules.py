@@ -82,6 +82,10 @@ class NoiseSchedule:
         """The time value fed to the network at solver time ``t`` (continuous: ``t`` itself)."""
         return t
 
+    def solver_time(self, t_model):
+        """Inverse of :meth:`model_time`: the solver time of a network time input."""
+        return t_model
+
     def marginal(self, x0, t, eps):
         """``x_t = alpha_t x0 + sigma_t eps`` with ``t`` broadcast over the leading (batch) axis."""
         t = _asarray(t)
@@ -331,3 +335,7 @@ class VPDiscrete(VPSchedule):
     def model_time(self, t):
         """The training-step index ``t N - 1`` (REFERENCE.md: deliberate, right for any N)."""
         return t * self.N - 1.0
+
+    def solver_time(self, t_model):
+        """Inverse of :meth:`model_time`: ``(index + 1) / N``."""
+        return (t_model + 1.0) / self.N
