@@ -349,6 +349,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train.checkpoint import CheckpointError
 
     try:
+        from absl import logging as absl_logging  # orbax logs routine notices as warnings
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:
+        pass
+    try:
         args = _build_parser().parse_args(argv)
         return {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample}[args.command](args)
     except _UsageError as e:

@@ -53,7 +53,8 @@ class RunCheckpoints:
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"{self.run_dir}: no {CHECKPOINT_SUBDIR}/ directory (nothing trained here)")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
+            max_to_keep=None if read_only else keep,
+            save_interval_steps=0 if read_only else 1,
             create=not read_only,
             read_only=read_only,
             enable_async_checkpointing=False,
