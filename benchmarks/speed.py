@@ -1,0 +1,285 @@
+"""Sampler overhead against the physical limit, and compile time against ``steps``.
+
+The *limit* is the least work any NFE-step ODE solver must do: a jitted ``lax.scan`` of
+NFE calls of the same model, each followed by one fused update
+
+    x_{n+1} = a_n x_n + b_n model(params, x_n, t_n)
+
+(the model output feeds the carry, so XLA can neither drop nor hoist the call). The
+ratio ``sample() / limit`` is what ``dpmjax.sample`` costs on top of the model:
+Python-side validation and dispatch, the coefficient plan, the ring buffer of model
+outputs and the linear combinations of the solver.
+
+Timings are interleaved in one process (limit, sample, limit, sample, ...), many
+repeats, median of each; the ratio is the ratio of medians. Every call ends with
+``block_until_ready()``.
+
+Compile time of ``sample()`` is measured for ``steps`` in 10/100/500 as the first call
+minus a cached call, with a fresh ``model_fn`` closure per value (a cold jit cache):
+the traced program must not grow with ``steps``.
+
+Run::
+
+    python benchmarks/speed.py           # full run (a few minutes on 2 CPU cores)
+    python benchmarks/speed.py --quick   # short run
+    python benchmarks/speed.py --hlo benchmarks/results/hlo   # also dump optimised HLO
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import dpmjax
+
+FEATURES = 64
+T_FEATURES = 16
+NFE = 20
+
+#: (label, sample() keyword arguments)
+METHODS = [
+    ("DPM-Solver++(2M)", dict(algorithm="dpmsolver++", method="multistep", order=2)),
+    ("DPM-Solver++(3M)", dict(algorithm="dpmsolver++", method="multistep", order=3)),
+    ("DPM-Solver-fast (singlestep 3)", dict(algorithm="dpmsolver", method="singlestep", order=3)),
+    ("UniPC-bh2 (order 2)", dict(algorithm="dpmsolver++", method="unipc", order=2)),
+]
+
+#: (width, batch, target ratio)
+SIZES = [(128, 512, 1.10), (512, 2048, 1.05)]
+
+
+# --------------------------------------------------------------------------- model
+
+
+def init_mlp(key, width: int):
+    """Plain-jnp MLP ``64 -> width -> width -> 64`` with a sinusoidal time embedding added
+    to the first hidden layer."""
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+
+    def dense(k, n_in, n_out):
+        return jax.random.normal(k, (n_in, n_out), jnp.float32) / np.sqrt(n_in)
+
+    return {
+        "w1": dense(k1, FEATURES, width),
+        "wt": dense(k2, 2 * T_FEATURES, width),
+        "b1": jnp.zeros((width,), jnp.float32),
+        "w2": dense(k3, width, width),
+        "b2": jnp.zeros((width,), jnp.float32),
+        "w3": dense(k4, width, FEATURES),
+        "b3": jnp.zeros((FEATURES,), jnp.float32),
+    }
+
+
+def make_model_fn():
+    """A fresh closure each call (so a jit cache keyed on ``model_fn`` starts cold)."""
+    freqs = jnp.exp(jnp.linspace(0.0, np.log(1000.0), T_FEATURES))
+
+    def model_fn(params, x, t):
+        ang = t[:, None] * freqs
+        emb = jnp.concatenate([jnp.sin(ang), jnp.cos(ang)], axis=-1)
+        h = jax.nn.silu(x @ params["w1"] + emb @ params["wt"] + params["b1"])
+        h = jax.nn.silu(h @ params["w2"] + params["b2"])
+        return h @ params["w3"] + params["b3"]
+
+    return model_fn
+
+
+# --------------------------------------------------------------------------- limit
+
+
+def make_limit(model_fn):
+    """The physical limit: NFE model calls and one fused axpy each, in one ``lax.scan``."""
+
+    @jax.jit
+    def limit(params, x, ts, a, b):
+        def body(x, inp):
+            t, a_n, b_n = inp
+            out = model_fn(params, x, jnp.broadcast_to(t, (x.shape[0],)))
+            return a_n * x + b_n * out, None
+
+        x, _ = jax.lax.scan(body, x, (ts, a, b))
+        return x
+
+    return limit
+
+
+def limit_inputs(schedule, steps):
+    """DDIM coefficients on a time-uniform grid (any finite numbers would do)."""
+    ts = jnp.linspace(schedule.T, schedule.t_eps, steps + 1)
+    la, ls = schedule.log_alpha(ts), schedule.log_sigma(ts)
+    a = jnp.exp(la[1:] - la[:-1])
+    b = jnp.exp(ls[1:]) - a * jnp.exp(ls[:-1])
+    return ts[:-1], a, b
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn().block_until_ready()
+    return time.perf_counter() - t0
+
+
+def measure_ratios(width, batch, repeats, warmup, schedule):
+    params = init_mlp(jax.random.key(0), width)
+    model_fn = make_model_fn()
+    x = jax.random.normal(jax.random.key(1), (batch, FEATURES), jnp.float32)
+    limit = make_limit(model_fn)
+    ts, a, b = limit_inputs(schedule, NFE)
+    call_limit = lambda: limit(params, x, ts, a, b)  # noqa: E731
+    calls = {}
+    for label, kw in METHODS:
+        calls[label] = (
+            lambda kw=kw: dpmjax.sample(
+                model_fn, params, None, x.shape, schedule=schedule, noise=x, steps=NFE, skip_type="logSNR", **kw
+            )
+        )
+    for _ in range(warmup):
+        call_limit().block_until_ready()
+        for fn in calls.values():
+            fn().block_until_ready()
+    t_limit = {k: [] for k in calls}
+    t_sample = {k: [] for k in calls}
+    for _ in range(repeats):
+        for label, fn in calls.items():  # interleaved: limit, sample, limit, sample, ...
+            t_limit[label].append(_timed(call_limit))
+            t_sample[label].append(_timed(fn))
+    rows = []
+    for label in calls:
+        ml, ms = statistics.median(t_limit[label]), statistics.median(t_sample[label])
+        rows.append((label, ml, ms, ms / ml))
+    return rows
+
+
+def measure_compile(steps_list, schedule, trials, width=128, batch=512):
+    """Compile seconds per (method, steps): the smallest over ``trials`` cold compiles."""
+    params = init_mlp(jax.random.key(0), width)
+    x = jax.random.normal(jax.random.key(1), (batch, FEATURES), jnp.float32)
+    out = {}
+    for label, kw in METHODS:
+        for steps in steps_list:
+            best = None
+            for _ in range(trials):
+                model_fn = make_model_fn()  # fresh closure: cold cache
+
+                def run():
+                    return dpmjax.sample(
+                        model_fn, params, None, x.shape, schedule=schedule, noise=x, steps=steps,
+                        skip_type="logSNR", **kw
+                    )
+
+                first = _timed(run)
+                cached = statistics.median(_timed(run) for _ in range(3))
+                best = first - cached if best is None else min(best, first - cached)
+            out[(label, steps)] = best
+    return out
+
+
+def dump_hlo(directory, schedule, width=128, batch=512):
+    """Optimised HLO of the limit and of ``sample()`` (jitted by a wrapper) for each method."""
+    os.makedirs(directory, exist_ok=True)
+    params = init_mlp(jax.random.key(0), width)
+    model_fn = make_model_fn()
+    x = jax.random.normal(jax.random.key(1), (batch, FEATURES), jnp.float32)
+    ts, a, b = limit_inputs(schedule, NFE)
+    text = make_limit(model_fn).lower(params, x, ts, a, b).compile().as_text()
+    with open(os.path.join(directory, "limit.hlo.txt"), "w") as f:
+        f.write(text)
+    for label, kw in METHODS:
+        fn = jax.jit(
+            lambda p, n, kw=kw: dpmjax.sample(
+                model_fn, p, None, n.shape, schedule=schedule, noise=n, steps=NFE, skip_type="logSNR", **kw
+            )
+        )
+        text = fn.lower(params, x).compile().as_text()
+        name = "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+        with open(os.path.join(directory, f"sample_{name}.hlo.txt"), "w") as f:
+            f.write(text)
+    print(f"optimised HLO written to {directory}/")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def backend_line():
+    dev = jax.devices()[0]
+    return (
+        f"backend `{jax.default_backend()}`, device kind `{dev.device_kind}`, {len(jax.devices())} device(s), "
+        f"jax {jax.__version__}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short run: few repeats, one compile trial")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats of the large size (default 25, quick 5; "
+                   "the small size gets 4x as many)")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.md"))
+    p.add_argument("--hlo", default=None, help="directory to dump optimised HLO of limit and sample()")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 25)
+    steps_list = (10, 100, 500)
+    schedule = dpmjax.VPLinear()
+
+    lines = ["# dpmjax speed benchmark", "", backend_line(), ""]
+    if hasattr(os, "getloadavg"):
+        lines += [f"Load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine add noise).", ""]
+    lines += [
+        f"`sample()` / limit at NFE {NFE} (skip_type logSNR, float32); limit = jitted `lax.scan` of "
+        f"NFE model calls + one fused axpy. Median of interleaved repeats ({4 * repeats} for width 128, "
+        f"{repeats} for width 512) each; ratio of medians.",
+        "",
+        "| model | method | limit (ms) | sample() (ms) | ratio | target | met |",
+        "|---|---|---:|---:|---:|---:|:---:|",
+    ]
+    print(lines[2], flush=True)
+    for width, batch, target in SIZES:
+        n = 4 * repeats if width == SIZES[0][0] else repeats
+        rows = measure_ratios(width, batch, n, warmup=2, schedule=schedule)
+        for label, ml, ms, r in rows:
+            line = (
+                f"| MLP w{width} B{batch} | {label} | {ml * 1e3:.2f} | {ms * 1e3:.2f} | {r:.3f} | "
+                f"<= {target:.2f} | {'yes' if r <= target else 'NO'} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+
+    trials = 1 if args.quick else 2
+    comp = measure_compile(steps_list, schedule, trials)
+    lines += [
+        "",
+        "Compile time of `sample()` (first call minus a cached call; fresh `model_fn` closure per value; "
+        f"MLP w128 B512; smallest of {trials} cold compiles). Growth = largest / smallest; must be <= 1.5.",
+        "",
+        "| method | " + " | ".join(f"steps {s} (s)" for s in steps_list) + " | growth | ok |",
+        "|---|" + "---:|" * len(steps_list) + "---:|:---:|",
+    ]
+    for label, _ in METHODS:
+        vals = [comp[(label, s)] for s in steps_list]
+        growth = max(vals) / min(vals)
+        line = (
+            f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {growth:.2f} | {'yes' if growth <= 1.5 else 'NO'} |"
+        )
+        lines.append(line)
+        print(line, flush=True)
+    lines += ["", f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}`", ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print(f"written {args.out}")
+    if args.hlo:
+        dump_hlo(args.hlo, schedule)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
