@@ -5,8 +5,8 @@ The public API is listed here and nothing else is; see the README for a tour.
 
 from .analytic import GaussianMixture
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
-from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, sample
-from .schedules import NoiseSchedule, VPCosine, VPDiscrete, VPLinear, VPSchedule
+from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
+from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
 from .timesteps import SKIP_TYPES, time_grid
 
 __version__ = "0.1.0"
@@ -19,12 +19,16 @@ __all__ = [
     "SOLVER_TYPES",
     "UNIPC_VARIANTS",
     "GaussianMixture",
+    "EDM",
     "NoiseSchedule",
+    "RectifiedFlow",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
     "VPSchedule",
+    "add_noise",
     "dynamic_threshold",
+    "invert",
     "sample",
     "time_grid",
     "to_data",

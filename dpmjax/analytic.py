@@ -76,6 +76,8 @@ class GaussianMixture:
 
         def model_fn(params, x, t_model):
             t = schedule.solver_time(t_model)
+            scale = jnp.asarray(schedule.state_scale(t))  # user-scale input -> VP scale (EDM)
+            x = x * scale.reshape(scale.shape + (1,) * (x.ndim - scale.ndim))
             return params.eps(x, schedule.alpha(t), schedule.sigma(t))
 
         return model_fn

@@ -11,6 +11,8 @@ model_type    eps                                x0
 "x_start"     (x - alpha out) / sigma            out
 "v"           alpha out + sigma x                alpha x - sigma out
 "score"       -sigma out                         (x + sigma^2 out) / alpha
+"edm"         (x - alpha out) / sigma            out   (a denoiser D(x; sigma))
+"flow"        x + alpha out                      x - sigma out   (v = eps - x0, alpha + sigma = 1)
 ============  =================================  =================================
 
 Because the maps are affine with the same ``x``, classifier-free guidance
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 
 __all__ = ["MODEL_TYPES", "to_noise", "to_data", "dynamic_threshold"]
 
-MODEL_TYPES = ("noise", "x_start", "v", "score")
+MODEL_TYPES = ("noise", "x_start", "v", "score", "edm", "flow")
 
 
 def _bcast(a, x):
@@ -38,7 +40,9 @@ def to_noise(out, x, alpha, sigma, model_type: str):
     alpha, sigma = _bcast(alpha, x), _bcast(sigma, x)
     if model_type == "noise":
         return out
-    if model_type == "x_start":
+    if model_type == "flow":
+        return x + alpha * out
+    if model_type in ("x_start", "edm"):
         return (x - alpha * out) / sigma
     if model_type == "v":
         return alpha * out + sigma * x
@@ -52,8 +56,10 @@ def to_data(out, x, alpha, sigma, model_type: str):
     alpha, sigma = _bcast(alpha, x), _bcast(sigma, x)
     if model_type == "noise":
         return (x - sigma * out) / alpha
-    if model_type == "x_start":
+    if model_type in ("x_start", "edm"):
         return out
+    if model_type == "flow":
+        return x - sigma * out
     if model_type == "v":
         return alpha * x - sigma * out
     if model_type == "score":

@@ -19,15 +19,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import adaptive as _adaptive
+
 from . import models as _models
 from . import timesteps as _ts
 from . import updates as _up
+from . import schedules as _schedules
 from .schedules import NoiseSchedule
 
-__all__ = ["sample", "ALGORITHMS", "METHODS", "SOLVER_TYPES", "UNIPC_VARIANTS"]
+__all__ = ["sample", "invert", "add_noise", "ALGORITHMS", "METHODS", "SOLVER_TYPES", "UNIPC_VARIANTS"]
 
-ALGORITHMS = ("dpmsolver++", "dpmsolver")
-METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc")
+ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
+METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive")
 SOLVER_TYPES = ("dpmsolver", "taylor")
 UNIPC_VARIANTS = ("bh1", "bh2")
 
@@ -54,10 +57,18 @@ class _Config:
     has_condition: bool
     variant: str
     use_corrector: tuple
+    return_info: bool
+    custom_grid: bool
+    adaptive: tuple  # (atol, rtol, h_init, theta, t_err, max_nfe) for method="adaptive"
+    sharded: bool
 
     @property
     def predict_data(self) -> bool:
-        return self.algorithm == "dpmsolver++"
+        return self.algorithm in ("dpmsolver++", "sde-dpmsolver++")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.algorithm.startswith("sde-")
 
 
 def _choice(name, value, allowed):
@@ -95,6 +106,124 @@ def _resolve_times(schedule, t_start, t_end):
     return t_start, t_end
 
 
+def _check_timesteps(timesteps, schedule, steps, increasing=False):
+    """Validate a user grid (concrete values only; traced grids are checked for shape)."""
+    shape = tuple(jnp.shape(timesteps))
+    if shape != (steps + 1,):
+        raise ValueError(f"timesteps must have shape (steps + 1,) = ({steps + 1},); got {shape}")
+    if isinstance(timesteps, jax.core.Tracer):
+        return
+    ts = np.asarray(timesteps, dtype=np.float64)
+    d = np.diff(ts)
+    if not np.all(np.isfinite(ts)) or (np.any(d <= 0) if increasing else np.any(d >= 0)):
+        which = "increasing" if increasing else "decreasing"
+        raise ValueError(f"timesteps must be finite and strictly {which}; got {ts}")
+    if not (ts.min() > 0 and ts.max() <= schedule.T):
+        raise ValueError(f"timesteps must lie in (0, schedule.T = {schedule.T}]; got min {ts.min()}, max {ts.max()}")
+
+
+
+_DEFAULT_MAX_NFE = 10_000
+
+
+def _configure(
+    model_fn, schedule, shape, *, model_type, algorithm, method, order, steps, skip_type,
+    lower_order_final, denoise_to_zero, solver_type, thresholding, thresholding_max_val,
+    dynamic_thresholding_ratio, correcting_xt_fn, return_intermediate, condition,
+    unconditional_condition, guidance_scale, classifier_fn, variant, disable_corrector,
+    return_info, timesteps, atol, rtol, h_init, theta, t_err, max_nfe, sharding,
+) -> _Config:
+    """All argument checks (before anything is traced) and the static configuration."""
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(
+            "schedule must be a dpmjax.NoiseSchedule (VPLinear, VPCosine, VPDiscrete, EDM, RectifiedFlow); "
+            f"got {type(schedule).__name__}"
+        )
+    try:
+        shape = tuple(int(d) for d in shape)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of ints; got {shape!r}") from None
+    if len(shape) < 1 or any(d < 1 for d in shape):
+        raise ValueError(f"shape must be (B, ...) with positive sizes; got {shape}")
+    _choice("model_type", model_type, _models.MODEL_TYPES)
+    _choice("algorithm", algorithm, ALGORITHMS)
+    _choice("method", method, METHODS)
+    _choice("skip_type", skip_type, _ts.SKIP_TYPES)
+    _choice("solver_type", solver_type, SOLVER_TYPES)
+    _choice("variant", variant, UNIPC_VARIANTS)
+    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
+        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
+    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
+        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
+    order = _integer("order", order, 1, 3)
+    steps = _integer("steps", steps, 1)
+    if method in ("multistep", "singlestep_fixed", "unipc") and steps < order:
+        raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
+    if algorithm.startswith("sde-") and (method != "multistep" or order > 2):
+        raise ValueError(
+            f"algorithm={algorithm!r} supports method='multistep' with order 1 or 2; got method={method!r}, order={order}"
+        )
+    if method == "adaptive":
+        if order not in (2, 3):
+            raise ValueError(f"method='adaptive' needs order 2 or 3; got order={order}")
+        if timesteps is not None:
+            raise ValueError("timesteps cannot be combined with method='adaptive' (it chooses its own steps)")
+        adaptive = (
+            _real("atol", atol), _real("rtol", rtol), _real("h_init", h_init),
+            _real("theta", theta), _real("t_err", t_err),
+            _integer("max_nfe", _DEFAULT_MAX_NFE if max_nfe is None else max_nfe, order),
+        )
+        for name, v in zip(("atol", "rtol", "h_init", "theta", "t_err"), adaptive[:5]):
+            if v <= 0:
+                raise ValueError(f"{name} must be > 0; got {v}")
+        if return_intermediate:
+            raise ValueError("return_intermediate is not available for method='adaptive' (its step count is dynamic)")
+    else:
+        adaptive = ()
+    if timesteps is not None and method not in ("multistep", "unipc"):
+        raise ValueError(f"timesteps is supported for method='multistep' and 'unipc'; got method={method!r}")
+    if thresholding and not algorithm.endswith("++"):
+        raise ValueError("thresholding=True needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
+    ratio = _real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"dynamic_thresholding_ratio must be a fraction in (0, 1]; got {ratio}")
+    max_val = _real("thresholding_max_val", thresholding_max_val)
+    if max_val <= 0:
+        raise ValueError(f"thresholding_max_val must be > 0; got {max_val}")
+    if unconditional_condition is not None and condition is None:
+        raise ValueError("unconditional_condition needs condition (classifier-free guidance)")
+    if unconditional_condition is not None and classifier_fn is not None:
+        raise ValueError("use either classifier-free guidance (unconditional_condition) or classifier_fn, not both")
+    if classifier_fn is not None and not callable(classifier_fn):
+        raise TypeError("classifier_fn must be callable")
+    if correcting_xt_fn is not None and not callable(correcting_xt_fn):
+        raise TypeError("correcting_xt_fn must be callable")
+    guidance = "cfg" if unconditional_condition is not None else ("classifier" if classifier_fn is not None else "none")
+    if guidance == "none" and not isinstance(guidance_scale, jax.core.Tracer):
+        if np.any(np.asarray(guidance_scale) != 1.0):
+            raise ValueError(
+                "guidance_scale != 1 needs unconditional_condition (classifier-free) or classifier_fn (classifier guidance)"
+            )
+    use_corrector = np.ones(steps, bool)
+    for i in disable_corrector:
+        i = _integer("disable_corrector entries", i, 1, steps)
+        use_corrector[i - 1] = False
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
+    return _Config(
+        shape=shape, model_type=model_type, algorithm=algorithm, method=method, order=order,
+        steps=steps, skip_type=skip_type, lower_order_final=bool(lower_order_final),
+        denoise_to_zero=bool(denoise_to_zero), solver_type=solver_type,
+        thresholding=bool(thresholding), thresholding_max_val=max_val,
+        dynamic_thresholding_ratio=ratio, return_intermediate=bool(return_intermediate),
+        guidance=guidance, has_condition=condition is not None, variant=variant,
+        use_corrector=tuple(bool(u) for u in use_corrector), return_info=bool(return_info),
+        custom_grid=timesteps is not None, adaptive=adaptive, sharded=sharding is not None,
+    )
+
+
 def sample(
     model_fn: Callable,
     params: Any,
@@ -125,12 +254,21 @@ def sample(
     classifier_fn: Optional[Callable] = None,
     variant: str = "bh2",
     disable_corrector=(),
+    timesteps: Optional[jax.Array] = None,
+    atol: float = 0.0078,
+    rtol: float = 0.05,
+    h_init: float = 0.05,
+    theta: float = 0.9,
+    t_err: float = 1e-5,
+    max_nfe: Optional[int] = None,
+    return_info: bool = False,
+    sharding: Optional[jax.sharding.Sharding] = None,
 ):
-    """Sample a diffusion model by solving its probability-flow ODE from ``t_start`` to ``t_end``.
+    """Sample a diffusion model by solving its probability-flow ODE (or diffusion SDE) from ``t_start`` to ``t_end``.
 
-    DPM-Solver (Lu et al. 2022, arXiv:2206.00927), DPM-Solver++ (arXiv:2211.01095) and
-    UniPC (Zhao et al. 2023, arXiv:2302.04867), with the names and defaults of the
-    authors' reference implementation.
+    DPM-Solver (Lu et al. 2022, arXiv:2206.00927), DPM-Solver++ and SDE-DPM-Solver(++)
+    (arXiv:2211.01095) and UniPC (Zhao et al. 2023, arXiv:2302.04867), with the names and
+    defaults of the authors' reference implementation.
 
     Args:
       model_fn: ``model_fn(params, x, t)`` (or ``model_fn(params, x, t, condition)`` when a
@@ -138,27 +276,34 @@ def sample(
         and holds ``schedule.model_time(t)`` (continuous time, or the training-step index
         ``t N - 1`` of a discrete schedule). Any output dtype; it is upcast.
       params: the model's parameters (any pytree; traced, differentiable).
-      key: a PRNG key for ``x_T ~ N(0, I)``; may be ``None`` when ``noise`` is given.
+      key: a PRNG key for ``x_T`` (and the SDE noise); may be ``None`` when ``noise`` is
+        given and the algorithm is deterministic.
       shape: the sample shape ``(B, ...)``.
-      schedule: a :class:`dpmjax.NoiseSchedule` (``VPLinear``, ``VPCosine``, ``VPDiscrete`` ...).
-      model_type: ``"noise"``, ``"x_start"``, ``"v"`` or ``"score"``.
-      algorithm: ``"dpmsolver++"`` (integrate the data prediction; use it with guidance)
-        or ``"dpmsolver"`` (the noise prediction).
+      schedule: a :class:`dpmjax.NoiseSchedule` (``VPLinear``, ``VPCosine``, ``VPDiscrete``,
+        ``EDM``, ``RectifiedFlow``).
+      model_type: ``"noise"``, ``"x_start"``, ``"v"``, ``"score"``, ``"edm"`` (a denoiser, with
+        :class:`dpmjax.EDM`) or ``"flow"`` (velocity ``eps - x0``, with :class:`dpmjax.RectifiedFlow`).
+      algorithm: ``"dpmsolver++"`` (integrate the data prediction; use it with guidance),
+        ``"dpmsolver"`` (the noise prediction), or their stochastic versions
+        ``"sde-dpmsolver++"``/``"sde-dpmsolver"`` (multistep, order 1 or 2).
       method: ``"multistep"``, ``"singlestep"`` (DPM-Solver-fast: mixed orders summing to
-        ``steps``), ``"singlestep_fixed"`` or ``"unipc"`` (predictor-corrector).
+        ``steps``), ``"singlestep_fixed"``, ``"unipc"`` (predictor-corrector) or
+        ``"adaptive"`` (DPM-Solver-12/23 with ``atol``, ``rtol``, ``h_init``, ``theta``,
+        ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000).
       order: 1, 2 or 3 (1 is DDIM).
       steps: the number of model evaluations (NFE), plus one with ``denoise_to_zero``.
-      skip_type: time grid, ``"time_uniform"``, ``"logSNR"`` or ``"time_quadratic"``.
+      skip_type: time grid: ``"time_uniform"``, ``"logSNR"``, ``"time_quadratic"``,
+        ``"karras"`` or ``"edm"`` (see :func:`dpmjax.time_grid`).
       t_start, t_end: integration interval, ``0 < t_end < t_start <= schedule.T``; defaults
         ``schedule.T`` and ``schedule.t_eps`` (``1/N`` discrete, ``1e-3`` continuous).
       lower_order_final: lower the order of the last steps (multistep: only for
         ``steps < 10``; UniPC: always), which stabilises very few steps.
       denoise_to_zero: return the data prediction at ``t_end`` (one more NFE).
       solver_type: ``"dpmsolver"`` or ``"taylor"`` second-order corrections.
-      thresholding: dynamic thresholding of the data prediction (``"dpmsolver++"`` only),
+      thresholding: dynamic thresholding of the data prediction (``"++"`` only),
         with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction).
       correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step.
-      noise: the starting ``x_T`` of shape ``shape`` (overrides ``key``).
+      noise: the starting ``x_T`` of shape ``shape`` (overrides ``key`` for ``x_T``).
       return_intermediate: also return the states on the time grid, ``(n_states, *shape)``.
       condition, unconditional_condition, guidance_scale: classifier-free guidance,
         ``out_u + s (out_c - out_u)`` from one model call on the concatenated batch
@@ -168,10 +313,17 @@ def sample(
         per-sample log-probabilities; ``eps <- eps - guidance_scale sigma_t grad_x log p``.
       variant: UniPC's ``"bh1"`` or ``"bh2"``.
       disable_corrector: UniPC steps (1-based) whose corrector is skipped.
+      timesteps: a strictly decreasing grid of ``steps + 1`` times in ``(0, T]`` replacing
+        the built-in one (multistep and UniPC); traced, so new values never recompile.
+      return_info: also return a dict with ``"nfe"`` (and, for ``method="adaptive"``,
+        ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"t_final"``).
+      sharding: a :class:`jax.sharding.Sharding` for ``x_T`` and the result (e.g. a
+        ``NamedSharding`` over the batch axis); by default a sharded ``noise``'s own.
 
     Returns:
-      ``x`` at ``t_end`` (float32, float64 under ``jax_enable_x64``), or ``(x, states)``
-      with ``return_intermediate``.
+      ``x`` at ``t_end`` (float32, float64 under ``jax_enable_x64``); with
+      ``return_intermediate`` also the states, with ``return_info`` also the info dict:
+      ``x``, ``(x, states)``, ``(x, info)`` or ``(x, states, info)``.
 
     Example::
 
@@ -180,98 +332,125 @@ def sample(
                           schedule=schedule, algorithm="dpmsolver++", method="multistep",
                           order=2, steps=15, skip_type="logSNR")
     """
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a dpmjax.NoiseSchedule (VPLinear, VPCosine, VPDiscrete, ...); got {type(schedule).__name__}")
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a tuple of ints; got {shape!r}") from None
-    if len(shape) < 1 or any(d < 1 for d in shape):
-        raise ValueError(f"shape must be (B, ...) with positive sizes; got {shape}")
-    _choice("model_type", model_type, _models.MODEL_TYPES)
-    _choice("algorithm", algorithm, ALGORITHMS)
-    _choice("method", method, METHODS)
-    _choice("skip_type", skip_type, _ts.SKIP_TYPES)
-    _choice("solver_type", solver_type, SOLVER_TYPES)
-    _choice("variant", variant, UNIPC_VARIANTS)
-    order = _integer("order", order, 1, 3)
-    steps = _integer("steps", steps, 1)
-    if method in ("multistep", "singlestep_fixed", "unipc") and steps < order:
-        raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
+    config = _configure(
+        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method=method,
+        order=order, steps=steps, skip_type=skip_type, lower_order_final=lower_order_final,
+        denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
+        thresholding_max_val=thresholding_max_val, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        correcting_xt_fn=correcting_xt_fn, return_intermediate=return_intermediate, condition=condition,
+        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
+        classifier_fn=classifier_fn, variant=variant, disable_corrector=disable_corrector,
+        return_info=return_info, timesteps=timesteps, atol=atol, rtol=rtol, h_init=h_init,
+        theta=theta, t_err=t_err, max_nfe=max_nfe, sharding=sharding,
+    )
     t_start, t_end = _resolve_times(schedule, t_start, t_end)
-    if thresholding and algorithm != "dpmsolver++":
-        raise ValueError("thresholding=True needs algorithm='dpmsolver++' (it clips the data prediction)")
-    ratio = _real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio must be a fraction in (0, 1]; got {ratio}")
-    max_val = _real("thresholding_max_val", thresholding_max_val)
-    if max_val <= 0:
-        raise ValueError(f"thresholding_max_val must be > 0; got {max_val}")
-    if unconditional_condition is not None and condition is None:
-        raise ValueError("unconditional_condition needs condition (classifier-free guidance)")
-    if unconditional_condition is not None and classifier_fn is not None:
-        raise ValueError("use either classifier-free guidance (unconditional_condition) or classifier_fn, not both")
-    if classifier_fn is not None and not callable(classifier_fn):
-        raise TypeError("classifier_fn must be callable")
-    if correcting_xt_fn is not None and not callable(correcting_xt_fn):
-        raise TypeError("correcting_xt_fn must be callable")
-    guidance = "cfg" if unconditional_condition is not None else ("classifier" if classifier_fn is not None else "none")
-    if guidance == "none" and not isinstance(guidance_scale, jax.core.Tracer) and np.any(np.asarray(guidance_scale) != 1.0):
-        raise ValueError(
-            "guidance_scale != 1 needs unconditional_condition (classifier-free) or classifier_fn (classifier guidance)"
-        )
+    if timesteps is not None:
+        _check_timesteps(timesteps, schedule, config.steps)
     if noise is None:
         if key is None:
             raise ValueError("key must be a PRNG key when noise is None")
-    elif tuple(jnp.shape(noise)) != shape:
-        raise ValueError(f"noise must have shape {shape} (the shape argument); got {tuple(jnp.shape(noise))}")
-    use_corrector = np.ones(steps, bool)
-    for i in disable_corrector:
-        i = _integer("disable_corrector entries", i, 1, steps)
-        use_corrector[i - 1] = False
-
-    config = _Config(
-        shape=shape,
-        model_type=model_type,
-        algorithm=algorithm,
-        method=method,
-        order=order,
-        steps=steps,
-        skip_type=skip_type,
-        lower_order_final=bool(lower_order_final),
-        denoise_to_zero=bool(denoise_to_zero),
-        solver_type=solver_type,
-        thresholding=bool(thresholding),
-        thresholding_max_val=max_val,
-        dynamic_thresholding_ratio=ratio,
-        return_intermediate=bool(return_intermediate),
-        guidance=guidance,
-        has_condition=condition is not None,
-        variant=variant,
-        use_corrector=tuple(bool(u) for u in use_corrector),
-    )
+    elif tuple(jnp.shape(noise)) != config.shape:
+        raise ValueError(f"noise must have shape {config.shape} (the shape argument); got {tuple(jnp.shape(noise))}")
+    if config.stochastic and key is None:
+        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
+    if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None), jax.sharding.NamedSharding):
+        sharding = noise.sharding
+        config = dataclasses.replace(config, sharded=True)
     dtype = jnp.result_type(float)
     return _sample_jit(
-        config,
-        model_fn,
-        classifier_fn,
-        correcting_xt_fn,
-        schedule,
-        params,
-        key,
-        noise,
-        condition,
-        unconditional_condition,
-        jnp.asarray(guidance_scale, dtype),
-        jnp.asarray(t_start, dtype),
-        jnp.asarray(t_end, dtype),
+        config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
+        condition, unconditional_condition, jnp.asarray(guidance_scale, dtype),
+        jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype),
+        None if timesteps is None else jnp.asarray(timesteps, dtype),
     )
+
+
+def invert(
+    model_fn: Callable,
+    params: Any,
+    x0: jax.Array,
+    *,
+    schedule: NoiseSchedule,
+    t_start: Optional[float] = None,
+    t_end: Optional[float] = None,
+    algorithm: str = "dpmsolver++",
+    method: str = "multistep",
+    order: int = 2,
+    steps: int = 20,
+    skip_type: str = "time_uniform",
+    **kwargs,
+):
+    """ODE encoding: run the same solvers backwards, from ``t_start`` (default
+    ``schedule.t_eps``) *up* to ``t_end`` (default ``schedule.T``), mapping data to noise.
+
+    The exponential-integrator formulas hold for negative steps in lambda, so the
+    updates are exactly those of :func:`sample` on the reversed grid;
+    ``sample(..., noise=invert(x))`` returns ``x`` up to the solver's error on both legs.
+    Takes the deterministic options of :func:`sample` (model_type, solver_type, guidance,
+    ``lower_order_final``, ``return_intermediate``, ``return_info``, ``timesteps``
+    (increasing) ...); not ``method="adaptive"``, SDE algorithms or ``denoise_to_zero``.
+
+    Example::
+
+        z = dpmjax.invert(model_fn, params, x, schedule=schedule, steps=50)
+        x_again = dpmjax.sample(model_fn, params, None, x.shape, schedule=schedule, noise=z, steps=50)
+    """
+    if method == "adaptive" or str(algorithm).startswith("sde-") or kwargs.get("denoise_to_zero"):
+        raise ValueError("invert supports deterministic fixed-step methods only (no method='adaptive', "
+                         "no 'sde-' algorithm, no denoise_to_zero)")
+    for k in ("noise", "key", "shape", "sharding"):
+        if k in kwargs:
+            raise TypeError(f"invert() got an unexpected keyword argument {k!r}")
+    sig = dict(
+        model_type="noise", lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver",
+        thresholding=False, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995,
+        correcting_xt_fn=None, return_intermediate=False, condition=None, unconditional_condition=None,
+        guidance_scale=1.0, classifier_fn=None, variant="bh2", disable_corrector=(), return_info=False,
+        timesteps=None, atol=0.0078, rtol=0.05, h_init=0.05, theta=0.9, t_err=1e-5, max_nfe=None,
+    )
+    unknown = set(kwargs) - set(sig)
+    if unknown:
+        raise TypeError(f"invert() got unexpected keyword arguments {sorted(unknown)}")
+    sig.update(kwargs)
+    x0 = jnp.asarray(x0)
+    config = _configure(
+        model_fn, schedule, x0.shape, algorithm=algorithm, method=method, order=order, steps=steps,
+        skip_type=skip_type, sharding=None, **sig,
+    )
+    lo = schedule.t_eps if t_start is None else _real("t_start", t_start)
+    hi = schedule.T if t_end is None else _real("t_end", t_end)
+    _resolve_times(schedule, hi, lo)  # same rules with the roles swapped: 0 < lo < hi <= T
+    timesteps = sig["timesteps"]
+    if timesteps is not None:
+        _check_timesteps(timesteps, schedule, config.steps, increasing=True)
+    dtype = jnp.result_type(float)
+    return _sample_jit(
+        config, model_fn, sig["classifier_fn"], sig["correcting_xt_fn"], None, schedule, params, None, x0,
+        sig["condition"], sig["unconditional_condition"], jnp.asarray(sig["guidance_scale"], dtype),
+        jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
+        None if timesteps is None else jnp.asarray(timesteps, dtype),
+    )
+
+
+def add_noise(schedule: NoiseSchedule, x0, t, key):
+    """Draw ``x_t ~ q(x_t | x0)``: ``alpha_t x0 + sigma_t eps`` (user scale: ``x0 + sigma eps``
+    for :class:`dpmjax.EDM`). ``t`` is a scalar or a per-sample ``(B,)`` array of times.
+
+    Returns ``(x_t, eps)``.
+    """
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
+    dtype = jnp.result_type(float)
+    x0 = jnp.asarray(x0, dtype)
+    t = jnp.asarray(t, dtype)
+    eps = jax.random.normal(key, x0.shape, dtype)
+    scale = jnp.asarray(schedule.state_scale(t), dtype)
+    scale = scale.reshape(scale.shape + (1,) * (x0.ndim - scale.ndim))
+    return schedule.marginal(x0, t, eps) / scale, eps
 
 
 def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, condition, uncond, scale):
-    """``predict(x, t)``: the noise ("dpmsolver") or data ("dpmsolver++") prediction."""
+    """``predict(x, t)``: the noise ("dpmsolver") or data ("dpmsolver++") prediction at solver scale."""
     dtype = jnp.result_type(float)
 
     def call(x, t_model, cond):
@@ -301,11 +480,13 @@ def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, co
         b = x.shape[0]
         t_model = jnp.broadcast_to(schedule.model_time(t), (b,)).astype(dtype)
         alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        out = raw(x, t_model)
+        x_in = x / schedule.state_scale(t)  # the network sees user-scale inputs (EDM: VE scale)
+        out = raw(x_in, t_model)
         if config.guidance == "classifier":
             eps = _models.to_noise(out, x, alpha, sigma, config.model_type)
-            grad = _models.classifier_gradient(classifier_fn, x, t_model, condition).astype(dtype)
-            eps = eps - scale * sigma * grad
+            grad = _models.classifier_gradient(classifier_fn, x_in, t_model, condition).astype(dtype)
+            # grad_x_solver log p = grad_x_user log p / state_scale
+            eps = eps - scale * sigma * grad / schedule.state_scale(t)
             m = (x - sigma * eps) / alpha if data else eps
         elif data:
             m = _models.to_data(out, x, alpha, sigma, config.model_type)
@@ -318,15 +499,19 @@ def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, co
     return predict
 
 
-def _plan(config: _Config, schedule, t_start, t_end):
-    """The coefficient table of the configured method, and the outer time grid."""
+def _plan(config: _Config, schedule, t_start, t_end, timesteps):
+    """The coefficient table of the configured method."""
     kw = dict(predict_data=config.predict_data)
-    if config.method == "multistep":
-        ts = _ts.time_grid(schedule, config.skip_type, t_start, t_end, config.steps)
-        orders = _ts.multistep_orders(config.order, config.steps, config.lower_order_final)
-        return _up.multistep_plan(schedule, ts, orders, solver_type=config.solver_type, **kw)
-    if config.method == "unipc":
-        ts = _ts.time_grid(schedule, config.skip_type, t_start, t_end, config.steps)
+    if config.method in ("multistep", "unipc"):
+        if timesteps is None:
+            ts = _ts.time_grid(schedule, config.skip_type, t_start, t_end, config.steps)
+        else:
+            ts = timesteps
+        if config.method == "multistep":
+            orders = _ts.multistep_orders(config.order, config.steps, config.lower_order_final)
+            return _up.multistep_plan(
+                schedule, ts, orders, solver_type=config.solver_type, stochastic=config.stochastic, **kw
+            )
         orders = _ts.unipc_orders(config.order, config.steps, config.lower_order_final)
         return _up.unipc_plan(
             schedule, ts, orders, variant=config.variant, use_corrector=np.asarray(config.use_corrector), **kw
@@ -355,28 +540,23 @@ def _combine(coefs, hist):
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, schedule, params, key, noise,
-                condition, uncond, scale, t_start, t_end):
-    dtype = jnp.result_type(float)
-    if noise is None:
-        x_T = jax.random.normal(key, config.shape, dtype)
-    else:
-        x_T = jnp.asarray(noise).astype(dtype)
-    predict = _make_predict(config, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
-    plan = _plan(config, schedule, t_start, t_end)
+def _scan(config, predict, plan, x_T, key, correcting_xt_fn, t_end):
+    """The fixed-step driver: one ``lax.scan`` over model evaluations (see dpmjax.updates)."""
     K = plan.cx.shape[1]
     multistep = config.method == "multistep"
     unipc = config.method == "unipc"
+    dtype = x_T.dtype
 
     def body(carry, inp):
         x, y, hist = carry
         m = predict(y, inp["t_eval"])
         hist = jax.lax.dynamic_update_index_in_dim(hist, m, inp["slot"], 0)
-        cx = [inp["cx"][k] for k in range(K)]
-        x_new = inp["ax"] * x + _combine(cx, hist)
+        x_new = inp["ax"] * x + _combine([inp["cx"][k] for k in range(K)], hist)
         if unipc:
             x_new = x_new + inp["bx"] * y
+        if config.stochastic:
+            z = jax.random.normal(jax.random.fold_in(key, inp["i"]), x.shape, dtype)
+            x_new = x_new + inp["nz"] * z
         if correcting_xt_fn is not None:
             corrected = correcting_xt_fn(x_new, inp["t_state"], inp["step"] + 1)
             x_new = jnp.where(inp["step_end"], corrected, x_new)
@@ -387,36 +567,86 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, schedule, par
         out = x_new if config.return_intermediate else None
         return (x_new, y_new, hist), out
 
-    inputs = {
-        "t_eval": plan.t_eval,
-        "slot": plan.slot,
-        "ax": plan.ax,
-        "cx": plan.cx,
-        "t_state": plan.t_state,
-    }
+    n = plan.t_eval.shape[0]
+    inputs = {"t_eval": plan.t_eval, "slot": plan.slot, "ax": plan.ax, "cx": plan.cx}
     if unipc:
         inputs["bx"] = plan.bx
     if not multistep:
         inputs["ay"], inputs["cy"] = plan.ay, plan.cy
+    if config.stochastic:
+        inputs["nz"], inputs["i"] = plan.nz, jnp.arange(n, dtype=jnp.int32)
     if correcting_xt_fn is not None:
-        inputs["step_end"] = jnp.asarray(plan.step_end)
-        inputs["step"] = jnp.asarray(plan.step_index, jnp.int32)
-        if unipc:  # the corrected state of iteration n is the state at ts[n]; none at n = 0
-            inputs["step_end"] = jnp.asarray(np.arange(len(plan.step_end)) > 0)
+        inputs["t_state"] = plan.t_state
+        if unipc:  # iteration n's corrected state is the state at ts[n]; none at n = 0
+            inputs["step_end"] = jnp.asarray(np.arange(n) > 0)
             inputs["step"] = jnp.asarray(plan.step_index - 1, jnp.int32)
-    hist0 = jnp.zeros((K,) + config.shape, dtype)
-    (x, y, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
+        else:
+            inputs["step_end"] = jnp.asarray(plan.step_end)
+            inputs["step"] = jnp.asarray(plan.step_index, jnp.int32)
+    hist0 = jnp.zeros((K,) + x_T.shape, dtype)
+    (_, y, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
     if unipc and correcting_xt_fn is not None:
         y = correcting_xt_fn(y, t_end, config.steps)
-    result = y
-    if config.denoise_to_zero:
-        result = predict(y, t_end, data=True)
     if not config.return_intermediate:
-        return result
+        return y, None
     if multistep:
         states = jnp.concatenate([x_T[None], xs], 0)
     elif unipc:
         states = jnp.concatenate([xs, y[None]], 0)
     else:
         states = jnp.concatenate([x_T[None], xs[np.flatnonzero(plan.step_end)]], 0)
-    return result, states
+    return y, states
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
+                condition, uncond, scale, t_start, t_end, timesteps):
+    dtype = jnp.result_type(float)
+    if key is not None and config.stochastic:
+        key, key_steps = jax.random.split(key)
+    else:
+        key_steps = None
+    if timesteps is not None:
+        t_start, t_end = timesteps[0], timesteps[-1]
+    if noise is None:
+        x_T = jax.random.normal(key, config.shape, dtype) * schedule.prior_std(t_start)
+    else:
+        x_T = jnp.asarray(noise).astype(dtype)
+    if sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, sharding)
+    user_scale_end = schedule.state_scale(t_end)
+    x_T = x_T * schedule.state_scale(t_start)  # user scale -> solver (VP) scale
+    predict = _make_predict(config, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
+    info = {}
+    states = None
+    if config.method == "adaptive":
+        atol, rtol, h_init, theta, t_err, max_nfe = config.adaptive
+        y, info = _adaptive.adaptive_solve(
+            predict, schedule, x_T, t_start, t_end, order=config.order, predict_data=config.predict_data,
+            solver_type=config.solver_type, atol=atol, rtol=rtol, h_init=h_init, theta=theta,
+            t_err=t_err, max_nfe=max_nfe,
+        )
+        user_scale_end = schedule.state_scale(info["t_final"])
+    else:
+        plan = _plan(config, schedule, t_start, t_end, timesteps)
+        y, states = _scan(config, predict, plan, x_T, key_steps, correcting_xt_fn, t_end)
+        info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
+        if states is not None:
+            scales = jnp.concatenate([t_start[None], plan.t_state[np.flatnonzero(plan.step_end)]])
+            if config.method == "unipc":
+                scales = jnp.concatenate([plan.t_state, t_end[None]])
+            scales = jnp.asarray(schedule.state_scale(scales), dtype)
+            states = states / jnp.reshape(scales, jnp.shape(scales) + (1,) * len(config.shape))
+    if config.denoise_to_zero:
+        result = predict(y, t_end if config.method != "adaptive" else info["t_final"], data=True)
+        info["nfe"] = info["nfe"] + 1
+    else:
+        result = y / user_scale_end  # solver scale -> user scale
+    if sharding is not None:
+        result = jax.lax.with_sharding_constraint(result, sharding)
+    out = (result,)
+    if config.return_intermediate:
+        out += (states,)
+    if config.return_info:
+        out += (info,)
+    return out[0] if len(out) == 1 else out

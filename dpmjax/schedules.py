@@ -32,6 +32,8 @@ import numpy as np
 
 __all__ = [
     "NoiseSchedule",
+    "EDM",
+    "RectifiedFlow",
     "VPSchedule",
     "VPLinear",
     "VPCosine",
@@ -85,6 +87,15 @@ class NoiseSchedule:
     def solver_time(self, t_model):
         """Inverse of :meth:`model_time`: the solver time of a network time input."""
         return t_model
+
+    # --- user scale <-> solver scale (identity for VP schedules) -------------------
+    def state_scale(self, t):
+        """Solver state = user-scale ``x`` times this (EDM: ``alpha_t``; VP and flows: 1)."""
+        return 1.0
+
+    def prior_std(self, t):
+        """Standard deviation of the user-scale ``x_T`` drawn from ``key`` (VP: 1; EDM: sigma_max)."""
+        return 1.0
 
     def marginal(self, x0, t, eps):
         """``x_t = alpha_t x0 + sigma_t eps`` with ``t`` broadcast over the leading (batch) axis."""
@@ -339,3 +350,81 @@ class VPDiscrete(VPSchedule):
     def solver_time(self, t_model):
         """Inverse of :meth:`model_time`: ``(index + 1) / N``."""
         return (t_model + 1.0) / self.N
+
+
+@_static_dataclass
+class EDM(NoiseSchedule):
+    """Karras et al. (2022) variance-exploding schedule, solved through its VP equivalent.
+
+    The time variable is the VE noise level ``t = sigma``: ``x_ve = x0 + sigma eps``.
+    Dividing by ``sqrt(1 + sigma^2)`` gives a VP process with ``alpha = 1/sqrt(1 + sigma^2)``,
+    ``sigma_vp = sigma alpha`` and ``lambda = -log sigma``, which is what DPM-Solver
+    integrates. Users pass and receive VE-scale arrays (``x_T ~ N(0, sigma_max^2)``); the
+    network is fed VE-scale inputs ``x_ve = x_vp / alpha`` and the time ``sigma``
+    (``model_type="edm"``: a denoiser ``D(x; sigma)`` predicting x0; ``"noise"``, ``"x_start"``
+    also work). ``sigma_data`` is recorded for networks' preconditioning; the sampler
+    does not need it.
+    """
+
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        if not 0 < self.sigma_min < self.sigma_max:
+            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+
+    @property
+    def T(self):
+        return float(self.sigma_max)
+
+    @property
+    def t_eps(self):
+        return float(self.sigma_min)
+
+    def log_alpha(self, t):
+        t = _asarray(t)
+        return -0.5 * jnp.log1p(t**2)
+
+    def log_sigma(self, t):
+        t = _asarray(t)
+        return jnp.log(t) - 0.5 * jnp.log1p(t**2)
+
+    def lambda_(self, t):
+        return -jnp.log(_asarray(t))
+
+    def inverse_lambda(self, lam):
+        return jnp.exp(-_asarray(lam))
+
+    def state_scale(self, t):
+        return self.alpha(t)
+
+    def prior_std(self, t):
+        return t
+
+
+@_static_dataclass
+class RectifiedFlow(NoiseSchedule):
+    """Rectified flow / flow matching (Liu et al. 2022; Lipman et al. 2022): ``x_t = (1 - t) x0 + t eps``.
+
+    ``alpha_t = 1 - t``, ``sigma_t = t``, ``lambda_t = log((1 - t)/t)``, inverse
+    ``t = sigmoid(-lambda)``. lambda is infinite at both ends, so sampling runs from
+    ``T = 0.999`` to ``t_eps = 1e-3`` by default. Use ``model_type="flow"`` for a velocity
+    network ``v = eps - x0`` (then ``x0 = x - t v`` and ``eps = x + (1 - t) v``).
+    """
+
+    T: float = 0.999
+    t_eps: float = 1e-3
+
+    def __post_init__(self):
+        if not 0 < self.t_eps < self.T < 1:
+            raise ValueError(f"RectifiedFlow needs 0 < t_eps < T < 1, got t_eps={self.t_eps}, T={self.T}")
+
+    def log_alpha(self, t):
+        return jnp.log1p(-_asarray(t))
+
+    def log_sigma(self, t):
+        return jnp.log(_asarray(t))
+
+    def inverse_lambda(self, lam):
+        return jax.nn.sigmoid(-_asarray(lam))

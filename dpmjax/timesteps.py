@@ -17,7 +17,10 @@ __all__ = [
     "unipc_orders",
 ]
 
-SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic")
+SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic", "karras", "edm")
+
+#: exponent of the Karras et al. (2022) grid
+KARRAS_RHO = 7.0
 
 
 def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
@@ -25,7 +28,11 @@ def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
 
     * ``"logSNR"``: uniform in ``lambda``, mapped back by ``schedule.inverse_lambda``;
     * ``"time_uniform"``: ``linspace(t_start, t_end, n + 1)``;
-    * ``"time_quadratic"``: ``linspace(sqrt t_start, sqrt t_end, n + 1) ** 2``.
+    * ``"time_quadratic"``: ``linspace(sqrt t_start, sqrt t_end, n + 1) ** 2``;
+    * ``"karras"``: Karras et al. (2022) Eq. 5 with ``rho = 7`` in the VE noise level
+      ``sigma/alpha = exp(-lambda)`` (any schedule), mapped back by ``inverse_lambda``;
+    * ``"edm"``: the same ``rho = 7`` polynomial rule in the schedule's own time variable
+      (identical to ``"karras"`` for :class:`dpmjax.EDM`, whose time is sigma).
 
     ``t_start`` and ``t_end`` may be arrays of the same shape ``S``; the result then has
     shape ``S + (n + 1,)`` (one grid per pair), which is how singlestep inner points are
@@ -43,6 +50,14 @@ def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
     elif skip_type == "time_quadratic":
         sa, sb = jnp.sqrt(a), jnp.sqrt(b)
         ts = (sa + u * (sb - sa)) ** 2
+    elif skip_type == "karras":
+        inv = 1.0 / KARRAS_RHO  # sigma^(1/rho) = exp(-lambda / rho)
+        sa, sb = jnp.exp(-inv * schedule.lambda_(a)), jnp.exp(-inv * schedule.lambda_(b))
+        ts = schedule.inverse_lambda(-KARRAS_RHO * jnp.log(sa + u * (sb - sa)))
+    elif skip_type == "edm":
+        inv = 1.0 / KARRAS_RHO
+        sa, sb = a**inv, b**inv
+        ts = (sa + u * (sb - sa)) ** KARRAS_RHO
     else:
         raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
     # Pin the end points: inverse_lambda(lambda(t)) is t only to rounding.

@@ -51,6 +51,7 @@ class Plan(NamedTuple):
     ay: jnp.ndarray  # (n,) next evaluation point: y <- ay x + cy . hist
     cy: jnp.ndarray  # (n, K)
     t_state: jnp.ndarray  # (n,) time of x after the iteration
+    nz: jnp.ndarray  # (n,) coefficient of fresh N(0, I) noise in the state update (SDE solvers)
     step_end: np.ndarray  # (n,) bool, static: the iteration completes a step
     step_index: np.ndarray  # (n,) int, static: 0-based index of the step it belongs to
 
@@ -118,7 +119,9 @@ def _schedule_logs(schedule, ts):
     return schedule.log_alpha(ts), schedule.log_sigma(ts)
 
 
-def multistep_plan(schedule, ts, orders, *, predict_data: bool, solver_type: str) -> Plan:
+def multistep_plan(
+    schedule, ts, orders, *, predict_data: bool, solver_type: str, stochastic: bool = False
+) -> Plan:
     """Multistep DPM-Solver(++) of the given per-step orders on the grid ``ts`` (steps + 1).
 
     Step ``i`` (``ts[i] -> ts[i+1]``) uses the outputs at ``ts[i], ts[i-1], ts[i-2]``
@@ -126,6 +129,18 @@ def multistep_plan(schedule, ts, orders, *, predict_data: bool, solver_type: str
     ``D1_0 = (m_0 - m_1)/r0``, ``D1_1 = (m_1 - m_2)/r1``, order 2 adds the 2nd-order
     correction of ``D1_0``; order 3 adds ``- c psi2 D1 - c psi3 D2`` with
     ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``.
+
+    ``stochastic=True`` gives SDE-DPM-Solver(++) (Lu et al. 2022b, Sec. 5; orders 1, 2),
+    the exact solution of the diffusion SDE's linear part with the model term expanded
+    to first order in lambda, ``m(lam) ~ m_0 + (lam - lam_s) D1_0 / h``:
+
+    * data:  ``x_t = (sigma_t/sigma_s) e^-h x + alpha_t (1 - e^-2h) m_0
+      + K D1_0 + sigma_t sqrt(1 - e^-2h) z`` with ``K = alpha_t (1 - e^-2h)/2`` ("dpmsolver",
+      midpoint) or ``K = alpha_t (1 + expm1(-2h)/(2h))`` ("taylor", the exact integral
+      ``2 alpha_t int_0^h e^-2u (h - u)/h du``);
+    * noise: ``x_t = (alpha_t/alpha_s) x - 2 sigma_t (e^h - 1) m_0 + K D1_0
+      + sigma_t sqrt(e^2h - 1) z`` with ``K = -sigma_t (e^h - 1)`` ("dpmsolver") or
+      ``K = -2 sigma_t (expm1(h)/h - 1)`` ("taylor").
     """
     steps = len(orders)
     K = max(orders)
@@ -138,11 +153,22 @@ def multistep_plan(schedule, ts, orders, *, predict_data: bool, solver_type: str
     zero = jnp.zeros_like(h)
 
     base = -c * phi1
-    o1 = (base, zero, zero)
     if solver_type == "dpmsolver":
         k2 = -0.5 * c * phi1
     else:
         k2 = -c * psi2
+    nz = zero
+    if stochastic:
+        if predict_data:
+            A = A * jnp.exp(-h)
+            base = -c * jnp.expm1(-2.0 * h)
+            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (jnp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+            nz = jnp.exp(ls[1:]) * jnp.sqrt(-jnp.expm1(-2.0 * h))
+        else:
+            base = -2.0 * c * jnp.expm1(h)
+            k2 = -c * jnp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (jnp.expm1(h) / h - 1.0)
+            nz = c * jnp.sqrt(jnp.expm1(2.0 * h))
+    o1 = (base, zero, zero)
     o2 = (base + k2 / r0, -k2 / r0, zero)
     d10 = (1 / r0, -1 / r0, zero)
     d11 = (zero, 1 / r1, -1 / r1)
@@ -164,6 +190,7 @@ def multistep_plan(schedule, ts, orders, *, predict_data: bool, solver_type: str
         ay=ones,
         cy=jnp.zeros_like(cx),
         t_state=ts[1:],
+        nz=nz,
         step_end=np.ones(steps, bool),
         step_index=idx,
     )
@@ -242,6 +269,7 @@ def singlestep_plan(schedule, t_outer, orders, *, skip_type: str, predict_data: 
         ay=ay,
         cy=cy[:, :K],
         t_state=jnp.where(fin, t[outer], s[outer]),
+        nz=jnp.zeros_like(ax),
         step_end=final,
         step_index=outer,
     )
@@ -322,6 +350,7 @@ def unipc_plan(
         ay=A,
         cy=cy,
         t_state=ts[:-1],
+        nz=jnp.zeros_like(ax),
         step_end=np.ones(steps, bool),
         step_index=n_idx,
     )

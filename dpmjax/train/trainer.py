@@ -18,6 +18,8 @@ One step is one jitted pure function ``(state, schedule, key) -> (state, loss)``
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -199,8 +201,10 @@ class Trainer:
               state: Optional[TrainState] = None) -> TrainResult:
         """Run (or resume) training up to ``stop_at`` (default ``config.steps``) steps.
 
-        Saves a checkpoint every ``checkpoint_every`` steps and at the end; on
-        ``KeyboardInterrupt`` (SIGINT) saves the current state before re-raising.
+        Saves a checkpoint every ``checkpoint_every`` steps and at the end. SIGINT (Ctrl-C)
+        is deferred to the end of the current step: the state is saved, then
+        ``KeyboardInterrupt`` is raised. A SIGKILL loses at most the steps since the last
+        checkpoint; rerunning resumes from it with the same losses.
         """
         from tqdm.auto import tqdm
 
@@ -226,32 +230,51 @@ class Trainer:
         bar = tqdm(total=stop, initial=start, unit="step", disable=not progress, dynamic_ncols=True,
                    desc=f"train {self.config.data}")
         running = None
-        try:
-            k = start
-            while k < stop:
-                state, loss = self.step(state)
-                pending.append((k, loss))
-                k += 1
-                if len(pending) >= 50 or k == stop or k % every == 0:
-                    new = flush()
-                    for v in new.values():
-                        running = v if running is None else 0.95 * running + 0.05 * v
-                    bar.update(len(new))
-                    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-                if k % every == 0 and k != last_saved:
+        k = start
+        with _DeferredInterrupt() as interrupt:
+            try:
+                while k < stop and not interrupt.requested:
+                    state, loss = self.step(state)
+                    pending.append((k, loss))
+                    k += 1
+                    if len(pending) >= 50 or k == stop or k % every == 0:
+                        new = flush()
+                        for v in new.values():
+                            running = v if running is None else 0.95 * running + 0.05 * v
+                        bar.update(len(new))
+                        bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                    if k % every == 0 and k != last_saved:
+                        self.save(state)
+                        last_saved = k
+                flush()
+                if self._checkpoints is not None and k != last_saved:
                     self.save(state)
-                    last_saved = k
-            flush()
-            if self._checkpoints is not None and int(state.step) != last_saved:
-                self.save(state)
-        except KeyboardInterrupt:
-            flush()
-            if self._checkpoints is not None and int(state.step) != last_saved:
-                self.save(state)
-            bar.close()
-            raise
-        bar.close()
+            finally:
+                bar.close()
+        if interrupt.requested:
+            raise KeyboardInterrupt(f"training interrupted at step {k}")
         return TrainResult(state, losses, start)
+
+
+class _DeferredInterrupt:
+    """Within the block, SIGINT sets ``requested`` instead of raising (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def load_trained(directory: str, *, step: Optional[int] = None) -> tuple[Trainer, TrainState]:
