@@ -37,7 +37,7 @@ import numpy as np
 
 from .timesteps import time_grid
 
-__all__ = ["Plan", "multistep_plan", "singlestep_plan", "unipc_plan", "step_terms"]
+__all__ = ["Plan", "multistep_coefficients", "multistep_plan", "singlestep_plan", "unipc_plan", "step_terms"]
 
 
 class Plan(NamedTuple):
@@ -119,6 +119,47 @@ def _schedule_logs(schedule, ts):
     return schedule.log_alpha(ts), schedule.log_sigma(ts)
 
 
+def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data, solver_type, stochastic=False):
+    """Coefficients of one multistep step ``s -> t`` for each order (arrays broadcast).
+
+    ``lam_1``, ``lam_2`` are lambda at the two earlier grid points (``m_1``, ``m_2``).
+    Returns ``(A, nz, (o1, o2, o3))``: the step is
+    ``x_t = A x_s + o[0] m_0 + o[1] m_1 + o[2] m_2 (+ nz z)`` for the order's tuple ``o``.
+    Formulas: see :func:`multistep_plan`.
+    """
+    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data)
+    lam_s = la_s - ls_s
+    h = (la_t - ls_t) - lam_s
+    r0 = (lam_s - lam_1) / h
+    r1 = (lam_1 - lam_2) / h
+    zero = jnp.zeros_like(h * r0 * r1)
+    base = -c * phi1
+    if solver_type == "dpmsolver":
+        k2 = -0.5 * c * phi1
+    else:
+        k2 = -c * psi2
+    nz = zero
+    if stochastic:
+        if predict_data:
+            A = A * jnp.exp(-h)
+            base = -c * jnp.expm1(-2.0 * h)
+            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (jnp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+            nz = jnp.exp(ls_t) * jnp.sqrt(-jnp.expm1(-2.0 * h))
+        else:
+            base = -2.0 * c * jnp.expm1(h)
+            k2 = -c * jnp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (jnp.expm1(h) / h - 1.0)
+            nz = c * jnp.sqrt(jnp.expm1(2.0 * h))
+    o1 = (base + zero, zero, zero)
+    o2 = (base + k2 / r0, -k2 / r0, zero)
+    d10 = (1 / r0, -1 / r0, zero)
+    d11 = (zero, 1 / r1, -1 / r1)
+    w = r0 / (r0 + r1)
+    D1 = tuple(a + w * (a - b) for a, b in zip(d10, d11))
+    D2 = tuple((a - b) / (r0 + r1) for a, b in zip(d10, d11))
+    o3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(o1, D1, D2))
+    return A + zero, nz + zero, (o1, o2, o3)
+
+
 def multistep_plan(
     schedule, ts, orders, *, predict_data: bool, solver_type: str, stochastic: bool = False
 ) -> Plan:
@@ -145,42 +186,16 @@ def multistep_plan(
     steps = len(orders)
     K = max(orders)
     la, ls = _schedule_logs(schedule, ts)
-    A, c, _, phi1, psi2, psi3 = step_terms(la[:-1], ls[:-1], la[1:], ls[1:], predict_data)
     lam = _extend_back(la - ls, 2)  # lam[k + 2] is lambda at ts[k]
-    h = lam[3:] - lam[2:-1]
-    r0 = (lam[2:-1] - lam[1:-2]) / h
-    r1 = (lam[1:-2] - lam[:-3]) / h
-    zero = jnp.zeros_like(h)
-
-    base = -c * phi1
-    if solver_type == "dpmsolver":
-        k2 = -0.5 * c * phi1
-    else:
-        k2 = -c * psi2
-    nz = zero
-    if stochastic:
-        if predict_data:
-            A = A * jnp.exp(-h)
-            base = -c * jnp.expm1(-2.0 * h)
-            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (jnp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
-            nz = jnp.exp(ls[1:]) * jnp.sqrt(-jnp.expm1(-2.0 * h))
-        else:
-            base = -2.0 * c * jnp.expm1(h)
-            k2 = -c * jnp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (jnp.expm1(h) / h - 1.0)
-            nz = c * jnp.sqrt(jnp.expm1(2.0 * h))
-    o1 = (base, zero, zero)
-    o2 = (base + k2 / r0, -k2 / r0, zero)
-    d10 = (1 / r0, -1 / r0, zero)
-    d11 = (zero, 1 / r1, -1 / r1)
-    w = r0 / (r0 + r1)
-    D1 = tuple(a + w * (a - b) for a, b in zip(d10, d11))
-    D2 = tuple((a - b) / (r0 + r1) for a, b in zip(d10, d11))
-    o3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(o1, D1, D2))
-
+    A, nz, (o1, o2, o3) = multistep_coefficients(
+        la[:-1], ls[:-1], la[1:], ls[1:], lam[1:-2], lam[:-3],
+        predict_data=predict_data, solver_type=solver_type, stochastic=stochastic,
+    )
+    zero = jnp.zeros_like(A)
     coefs = [_select(orders, o1[j], o2[j], o3[j]) for j in range(K)]
     idx = np.arange(steps)
     cx = _to_slots(coefs, idx, K)
-    ones = jnp.ones_like(h)
+    ones = jnp.ones_like(A)
     return Plan(
         t_eval=ts[:-1],
         slot=jnp.asarray(idx % K, jnp.int32),
