@@ -17,6 +17,8 @@ One step is one jitted pure function ``(state, schedule, key) -> (state, loss)``
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import signal
 import threading
@@ -77,6 +79,51 @@ def diffusion_loss(model_fn, params, schedule, x0, labels, key, *, num_classes: 
     return jnp.mean((pred - eps) ** 2)
 
 
+def _make_step(config, ds, model_fn, tx):
+    """The jitted ``train_step(state, schedule, key) -> (state, loss)``."""
+    ema_decay = float(config.ema_decay)
+
+    def train_step(state: TrainState, schedule, key):
+        k_data, k_loss = jax.random.split(jax.random.fold_in(key, state.step))
+        x0, labels = ds.sample(k_data, config.batch_size)
+
+        def loss_fn(params):
+            return diffusion_loss(model_fn, params, schedule, x0, labels, k_loss,
+                                  num_classes=ds.num_classes, label_dropout=config.label_dropout)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # EMA with the usual warm-up, decay = min(ema_decay, (1 + k) / (10 + k)).
+        k = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
+        ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+        return TrainState(state.step + 1, params, ema, opt_state), loss
+
+    return jax.jit(train_step)
+
+
+def _config_key(config: TrainConfig) -> str:
+    d = {k: v for k, v in config.to_dict().items() if k not in TrainConfig.BOOKKEEPING}
+    return json.dumps(d, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _build(key: str):
+    """Network, initial parameters, optimiser and jitted step for a config (cached by its JSON).
+
+    Trainers of the same run (a resumed one, or one rebuilt for sampling) share the
+    compiled step and the same ``model_fn`` object, so neither training nor
+    :func:`dpmjax.sample` compiles again.
+    """
+    config = TrainConfig.from_dict(json.loads(key))
+    graphdef, params = nnx.split(build_model(config.model, seed=config.seed))
+    model_fn = as_model_fn(graphdef)
+    tx = make_optimizer(config)
+    step_fn = _make_step(config, get_dataset(config.data), model_fn, tx)
+    return graphdef, params, model_fn, tx, step_fn
+
+
 class Trainer:
     """A training run, optionally tied to a directory for checkpoints.
 
@@ -99,13 +146,9 @@ class Trainer:
         self.directory = None if directory is None else os.path.abspath(directory)
         self.dataset = get_dataset(self.config.data)
         self.schedule = make_schedule(self.config.schedule)
-        model = build_model(self.config.model, seed=self.config.seed)
-        self.graphdef, params = nnx.split(model)
-        self.model_fn = as_model_fn(self.graphdef)
-        self.tx = make_optimizer(self.config)
-        self._init_params = params
         self._key = jax.random.key(self.config.seed)
-        self._step_fn = self._make_step()
+        built = _build(_config_key(self.config))
+        self.graphdef, self._init_params, self.model_fn, self.tx, self._step_fn = built
         self._checkpoints = None
         if self.directory is not None:
             self._open_directory()
@@ -136,29 +179,6 @@ class Trainer:
             ema_params=jax.tree.map(jnp.copy, params),
             opt_state=self.tx.init(params),
         )
-
-    def _make_step(self):
-        config, ds, model_fn, tx = self.config, self.dataset, self.model_fn, self.tx
-        ema_decay = float(config.ema_decay)
-
-        def train_step(state: TrainState, schedule, key):
-            k_data, k_loss = jax.random.split(jax.random.fold_in(key, state.step))
-            x0, labels = ds.sample(k_data, config.batch_size)
-
-            def loss_fn(params):
-                return diffusion_loss(model_fn, params, schedule, x0, labels, k_loss,
-                                      num_classes=ds.num_classes, label_dropout=config.label_dropout)
-
-            loss, grads = jax.value_and_grad(loss_fn)(state.params)
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            # EMA with the usual warm-up, decay = min(ema_decay, (1 + k) / (10 + k)).
-            k = state.step.astype(jnp.float32)
-            decay = jnp.minimum(ema_decay, (1.0 + k) / (10.0 + k))
-            ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-            return TrainState(state.step + 1, params, ema, opt_state), loss
-
-        return jax.jit(train_step)
 
     def step(self, state: TrainState) -> tuple[TrainState, jax.Array]:
         """One jitted training step."""
@@ -202,7 +222,7 @@ class Trainer:
         """Run (or resume) training up to ``stop_at`` (default ``config.steps``) steps.
 
         Saves a checkpoint every ``checkpoint_every`` steps and at the end. SIGINT (Ctrl-C)
-        is deferred to the end of the current step: the state is saved, then
+        and SIGTERM are deferred to the end of the current step: the state is saved, then
         ``KeyboardInterrupt`` is raised. A SIGKILL loses at most the steps since the last
         checkpoint; rerunning resumes from it with the same losses.
         """
@@ -257,23 +277,29 @@ class Trainer:
 
 
 class _DeferredInterrupt:
-    """Within the block, SIGINT sets ``requested`` instead of raising (main thread only)."""
+    """Within the block, SIGINT and SIGTERM set ``requested`` instead of ending the program.
+
+    Only in the main thread (where Python delivers signals); elsewhere a no-op.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def _handler(self, signum, frame):
         self.requested = True
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 
