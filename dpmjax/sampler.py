@@ -206,10 +206,13 @@ def _configure(
             raise ValueError(
                 "guidance_scale != 1 needs unconditional_condition (classifier-free) or classifier_fn (classifier guidance)"
             )
+    # use_corrector[n]: correct the state at ts[n], i.e. step n (1-based), in scan iteration n
+    # (updates.unipc_plan); n = 0 is unused and the last step (n = steps) is never corrected.
     use_corrector = np.ones(steps, bool)
     for i in disable_corrector:
         i = _integer("disable_corrector entries", i, 1, steps)
-        use_corrector[i - 1] = False
+        if i < steps:
+            use_corrector[i] = False
     if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
         raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
     return _Config(
