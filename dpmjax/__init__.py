@@ -4,6 +4,7 @@ The public API is listed here and nothing else is; see the README for a tour.
 """
 
 from .analytic import GaussianMixture
+from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
@@ -28,8 +29,11 @@ __all__ = [
     "VPSchedule",
     "add_noise",
     "dynamic_threshold",
+    "fit_timesteps",
     "invert",
+    "load_timesteps",
     "sample",
+    "save_timesteps",
     "time_grid",
     "to_data",
     "to_noise",

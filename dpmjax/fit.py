@@ -1,0 +1,303 @@
+"""Time steps fitted to the model at hand (dynamic programming over a candidate grid).
+
+Fixed grids (logSNR, time-uniform, Karras) are compromises. Following the idea of
+geometry-inspired time scheduling (GITS, Chen et al. 2024, arXiv:2405.11326), we
+
+1. solve the probability-flow ODE accurately for a few starting noises (reference
+   trajectories, ``fine_steps`` small steps) and keep the states ``x_j`` on a
+   candidate grid ``tau_0 > ... > tau_n`` (uniform in lambda), with the model
+   outputs ``m_j`` there;
+2. measure, for every admissible step ``tau_i -> tau_j`` of the *chosen* multistep
+   solver (with its history points ``tau_k``, ``tau_k2``), the one-step error of the
+   update started from the reference: ``e = RMS(A x_i + c0 m_i + c1 m_k + c2 m_k2 - x_j)``.
+   The update is linear, so all these errors come from one Gram matrix of the
+   ``x_j, m_j`` -- no model evaluation beyond the reference run;
+3. choose the ``steps``-edge path from ``tau_0`` to ``tau_n`` that minimises the
+   accumulated one-step error, by dynamic programming whose state is the last
+   ``order`` grid indices (the solver's history), with the solver's own per-step
+   orders (warm-up, ``lower_order_final``).
+
+The result is a grid for :func:`dpmjax.sample`'s ``timesteps=`` argument (multistep or
+UniPC; it is fitted for the multistep update of the given order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import sampler as _sampler
+from . import timesteps as _ts
+from . import updates as _up
+
+__all__ = ["fit_timesteps", "save_timesteps", "load_timesteps"]
+
+
+def _one_step_errors(G, la, ls, order, *, predict_data, solver_type):
+    """RMS one-step errors of the order-``order`` multistep update between candidates.
+
+    ``G`` is the Gram matrix of ``[x_0..x_n, m_0..m_{n-1}]`` (mean over trajectories of
+    inner products / dim). Returns an array with ``order + 1`` axes
+    ``(k2, k, i, j)[-order - 1:]``; inadmissible index tuples are ``inf``.
+    """
+    n1 = la.shape[0]  # n + 1 candidates
+    ax = [jnp.arange(n1).reshape((n1,) + (1,) * (3 - a)) for a in range(4)]  # k2, k, i, j
+    k2, k, i, j = ax
+    lam = la - ls
+    A, _, (o1, o2, o3) = _up.multistep_coefficients(
+        la[i], ls[i], la[j], ls[j], lam[k], lam[k2], predict_data=predict_data, solver_type=solver_type
+    )
+    coefs = {1: o1, 2: o2, 3: o3}[order]
+    m = lambda idx: n1 + jnp.minimum(idx, n1 - 2)  # noqa: E731  (m_n is never used)
+    vecs = [(A, i), (coefs[0], m(i)), (coefs[1], m(k)), (coefs[2], m(k2)), (-jnp.ones_like(A), j)]
+    vecs = vecs[: 2 + (order - 1)] + [vecs[-1]]
+    sq = 0.0
+    for wa, ia in vecs:
+        for wb, ib in vecs:
+            sq = sq + wa * wb * G[ia, ib]
+    err = jnp.sqrt(jnp.maximum(sq, 0.0))
+    valid = (i < j) & (k < i) & (k2 < k)
+    if order == 1:
+        valid = i < j
+    elif order == 2:
+        valid = (i < j) & (k < i)
+    err = jnp.where(valid & jnp.isfinite(err), err, jnp.inf)
+    # keep only the axes the order uses: (k2, k, i, j)[-order - 1:]
+    idx = (0,) * (3 - order) + (slice(None),) * (order + 1)
+    return err[idx]
+
+
+def _dynamic_program(costs, orders, n1):
+    """Minimum accumulated cost path 0 -> n1 - 1 with len(orders) edges (numpy, host)."""
+    q = max(orders)
+    D = np.full((n1,) * q, np.inf)
+    D[(0,) * q] = 0.0
+    args = []
+    for o in orders:
+        C = costs[o]
+        C = C.reshape((1,) * (q - o) + C.shape)  # depends on the last o history indices
+        total = D[..., None] + C  # axes: a_1..a_q, j
+        best = np.argmin(total, axis=0)
+        D = np.take_along_axis(total, best[None], axis=0)[0]
+        args.append(best)
+    final = D[..., n1 - 1]
+    if not np.isfinite(final).any():
+        raise ValueError("no admissible grid: increase n_candidates")
+    state = list(np.unravel_index(np.argmin(final), final.shape)) + [n1 - 1]
+    path = [state[-1]]
+    for best in reversed(args):
+        prev0 = int(best[tuple(state)])
+        state = [prev0] + state[:-1]
+        path.append(state[-1])
+    return path[::-1], float(np.min(final))
+
+
+def fit_timesteps(
+    model_fn,
+    params: Any,
+    key: Optional[jax.Array],
+    shape,
+    *,
+    schedule,
+    steps: int,
+    algorithm: str = "dpmsolver++",
+    order: int = 2,
+    solver_type: str = "dpmsolver",
+    lower_order_final: bool = True,
+    model_type: str = "noise",
+    t_start: Optional[float] = None,
+    t_end: Optional[float] = None,
+    n_candidates: int = 40,
+    fine_steps: Optional[int] = None,
+    noise: Optional[jax.Array] = None,
+    condition: Any = None,
+    unconditional_condition: Any = None,
+    guidance_scale=1.0,
+    refine_iters: int = 200,
+    refine_lr: float = 0.05,
+    return_info: bool = False,
+):
+    """Fit a ``steps``-step time grid to a model for the multistep solver of ``order``.
+
+    Args:
+      model_fn, params, schedule, model_type, algorithm ("dpmsolver++"/"dpmsolver"),
+        order, solver_type, lower_order_final, t_start, t_end, condition,
+        unconditional_condition, guidance_scale: as in :func:`dpmjax.sample`; the grid
+        is fitted for this solver configuration.
+      key, shape: the reference trajectories start from ``x_T`` drawn from ``key`` with
+        ``shape = (n_trajectories, ...)`` (or from ``noise``).
+      steps: NFE of the grid to fit (``steps + 1`` points).
+      n_candidates: number of intervals of the candidate grid (uniform in lambda).
+      fine_steps: reference solver steps (order-3 multistep, a multiple of
+        ``n_candidates``; default ``8 n_candidates``).
+
+    Returns:
+      A strictly decreasing array of ``steps + 1`` times from ``t_start`` to ``t_end``
+      (and, with ``return_info``, a dict with the fitted ``cost`` and the candidate
+      ``indices``). Deterministic for a given key.
+
+    Example::
+
+        ts = dpmjax.fit_timesteps(model_fn, params, key, (64, 2), schedule=schedule, steps=6)
+        x = dpmjax.sample(model_fn, params, key2, (4096, 2), schedule=schedule, steps=6, timesteps=ts)
+    """
+    if algorithm not in ("dpmsolver++", "dpmsolver"):
+        raise ValueError(f"algorithm must be 'dpmsolver++' or 'dpmsolver' for fit_timesteps; got {algorithm!r}")
+    n = _sampler._integer("n_candidates", n_candidates, 2)
+    steps = _sampler._integer("steps", steps, 1)
+    if steps > n:
+        raise ValueError(f"steps must be <= n_candidates = {n}; got steps={steps}")
+    fine = 8 * n if fine_steps is None else _sampler._integer("fine_steps", fine_steps, n)
+    if fine % n:
+        raise ValueError(f"fine_steps must be a multiple of n_candidates = {n}; got {fine}")
+    common = dict(
+        schedule=schedule, model_type=model_type, t_start=t_start, t_end=t_end, noise=noise,
+        condition=condition, unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
+    )
+    config = _sampler._configure(
+        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method="multistep",
+        order=order, steps=steps, skip_type="logSNR", lower_order_final=lower_order_final,
+        denoise_to_zero=False, solver_type=solver_type, thresholding=False, thresholding_max_val=1.0,
+        dynamic_thresholding_ratio=0.995, correcting_xt_fn=None, return_intermediate=False,
+        condition=condition, unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
+        classifier_fn=None, variant="bh2", disable_corrector=(), return_info=False, timesteps=None,
+        atol=1.0, rtol=1.0, h_init=1.0, theta=1.0, t_err=1.0, max_nfe=None, sharding=None,
+    )
+    ts0, ts1 = _sampler._resolve_times(schedule, t_start, t_end)
+
+    # 1. Reference trajectories on a fine logSNR grid containing the candidates.
+    _, states = _sampler.sample(
+        model_fn, params, key, shape, algorithm="dpmsolver++", method="multistep", order=3,
+        steps=fine, skip_type="logSNR", return_intermediate=True, **common,
+    )
+    dtype = states.dtype
+    tau = _ts.time_grid(schedule, "logSNR", jnp.asarray(ts0, dtype), jnp.asarray(ts1, dtype), n)
+    xs = states[:: fine // n]
+    G, la, ls = _gram(config, model_fn, schedule, params, xs, tau, condition, unconditional_condition,
+                      jnp.asarray(guidance_scale, dtype))
+    orders = _ts.multistep_orders(order, steps, lower_order_final)
+    # The errors are differences of nearly equal quantities: evaluate them in float64.
+    la, ls = np.asarray(la, np.float64), np.asarray(ls, np.float64)
+    with jax.enable_x64(True):
+        costs = {
+            o: np.asarray(
+                _one_step_errors(
+                    jnp.asarray(G), jnp.asarray(la), jnp.asarray(ls), o,
+                    predict_data=algorithm == "dpmsolver++", solver_type=solver_type,
+                ),
+                np.float64,
+            )
+            for o in sorted(set(orders))
+        }
+    path, cost = _dynamic_program(costs, orders, n + 1)
+    dp_grid = tau[jnp.asarray(path)]
+    info = {"dp_cost": cost, "dp_indices": np.asarray(path), "dp_grid": dp_grid}
+    if refine_iters == 0:
+        return (dp_grid, info) if return_info else dp_grid
+
+    # 4. Refine by gradient descent on the global error against the reference end points
+    #    (LD3, Tong et al. 2025, arXiv:2405.15506), started from the best of the DP grid and
+    #    the fixed grids on the fitting trajectories. The grid is parameterised by softmax
+    #    weights of its lambda increments: decreasing with exact end points by construction.
+    x_ref = states[-1]
+    x_start = states[0]
+    lam0, lam1 = schedule.lambda_(tau[0]), schedule.lambda_(tau[-1])
+    kw = dict(
+        schedule=schedule, model_type=model_type, algorithm=algorithm, method="multistep", order=order,
+        steps=steps, solver_type=solver_type, lower_order_final=lower_order_final, condition=condition,
+        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
+    )
+
+    def grid_of(u):
+        w = jax.nn.softmax(u)
+        lam = lam0 + (lam1 - lam0) * jnp.concatenate([jnp.zeros((1,), w.dtype), jnp.cumsum(w)])
+        ts = schedule.inverse_lambda(lam)
+        return ts.at[0].set(tau[0]).at[-1].set(tau[-1])
+
+    def loss_of_grid(ts, p):
+        x = _sampler.sample(model_fn, p, None, x_start.shape, noise=x_start, timesteps=ts, **kw)
+        return jnp.sqrt(jnp.mean((x - x_ref) ** 2))
+
+    loss_jit = jax.jit(loss_of_grid)
+    starts = {"dp": dp_grid}
+    for sk in ("logSNR", "time_uniform", "time_quadratic", "karras"):
+        starts[sk] = _ts.time_grid(schedule, sk, tau[0], tau[-1], steps)
+    start_losses = {name: float(loss_jit(g, params)) for name, g in starts.items()}
+    best_name = min(start_losses, key=start_losses.get)
+    g0 = starts[best_name]
+    u = jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6))
+    opt = optax.adam(refine_lr)
+    opt_state = opt.init(u)
+
+    @jax.jit
+    def update(u, opt_state, p):
+        loss, g = jax.value_and_grad(lambda u: loss_of_grid(grid_of(u), p))(u)
+        g = jnp.where(jnp.isfinite(g), g, 0.0)
+        upd, opt_state = opt.update(g, opt_state, u)
+        return optax.apply_updates(u, upd), opt_state, loss
+
+    best_loss, best_u = start_losses[best_name], u
+    for _ in range(refine_iters):
+        u_new, opt_state, loss = update(u, opt_state, params)
+        loss = float(loss)
+        if np.isfinite(loss) and loss < best_loss:
+            best_loss, best_u = loss, u  # loss was evaluated at u (before the update)
+        u = u_new
+    final_loss = float(loss_jit(grid_of(u), params))
+    if final_loss < best_loss:
+        best_loss, best_u = final_loss, u
+    grid = grid_of(best_u) if best_loss < start_losses[best_name] else g0
+    info.update(start_losses=start_losses, start=best_name, fit_loss=best_loss)
+    return (grid, info) if return_info else grid
+
+
+def _gram_matrix(X, M):
+    """Mean inner products of ``[X; M]`` per trajectory and dimension, in float64 (host)."""
+    V = np.concatenate([np.asarray(X, np.float64), np.asarray(M, np.float64)], 0)
+    V = V.reshape(V.shape[0], -1)
+    return V @ V.T / (V.shape[1])
+
+
+def _gram(config, model_fn, schedule, params, xs, tau, condition, uncond, scale):
+    """Model outputs at the candidates (solver scale) and the Gram matrix of ``[x, m]``."""
+    predict = _sampler._make_predict(config, model_fn, None, schedule, params, condition, uncond, scale)
+    scale_t = jnp.asarray(schedule.state_scale(tau), xs.dtype)
+    xs = xs * scale_t.reshape(scale_t.shape + (1,) * (xs.ndim - scale_t.ndim))  # user -> solver scale
+    ms = jax.jit(lambda xs, tau: jax.lax.map(lambda a: predict(a[0], a[1]), (xs, tau)))(xs[:-1], tau[:-1])
+    G = _gram_matrix(xs, ms)
+    return G, schedule.log_alpha(tau), schedule.log_sigma(tau)
+
+
+def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:
+    """Save a grid as JSON (``{"timesteps": [...], ...metadata}``); ``.npy`` paths use numpy."""
+    ts = np.asarray(timesteps, np.float64)
+    if str(path).endswith(".npy"):
+        np.save(path, ts)
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"timesteps": ts.tolist(), **metadata}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_timesteps(path: str | os.PathLike) -> np.ndarray:
+    """Load a grid saved by :func:`save_timesteps` (JSON or ``.npy``)."""
+    if not os.path.exists(path):
+        raise ValueError(f"timesteps file {str(path)!r} does not exist")
+    if str(path).endswith(".npy"):
+        ts = np.load(path)
+    else:
+        try:
+            with open(path) as f:
+                ts = np.asarray(json.load(f)["timesteps"], np.float64)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"timesteps file {str(path)!r} is not a dpmjax grid: {e}") from None
+    if ts.ndim != 1 or ts.shape[0] < 2 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0):
+        raise ValueError(f"timesteps file {str(path)!r} does not hold a strictly decreasing 1-D grid")
+    return ts
