@@ -10,11 +10,10 @@ import dpmjax
 from dpmjax.nets import MLP, UNet, as_model_fn, build_model, sinusoidal_embedding
 
 
-def _randomise(params, seed=0):
-    """Add N(0, 0.1^2) noise to every parameter (the output layers start at zero)."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [l + 0.1 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)])
+def _randomise(params, seed=0, scale=0.3):
+    """Add N(0, scale^2) noise to every parameter (the output layers start at zero)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: p + jnp.asarray(scale * rng.standard_normal(p.shape), p.dtype), params)
 
 
 @pytest.fixture(scope="module")

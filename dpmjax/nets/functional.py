@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-import jax
 from flax import nnx
 
 from .mlp import MLP
@@ -46,14 +45,7 @@ def build_model(spec: Mapping[str, Any], *, seed: int = 0) -> nnx.Module:
     kind = spec.pop("kind", None)
     if kind not in _KINDS:
         raise ValueError(f"model kind must be one of {sorted(_KINDS)}, got {kind!r}")
-
-    def construct():
-        return _KINDS[kind](**spec, rngs=nnx.Rngs(seed))
-
     try:
-        graphdef, _ = nnx.split(nnx.eval_shape(construct))
+        return _KINDS[kind](**spec, rngs=nnx.Rngs(seed))
     except TypeError as e:
         raise ValueError(f"bad {kind} model spec {spec}: {e}") from None
-    # One compiled initialisation instead of one small program per parameter shape.
-    params = jax.jit(lambda: nnx.split(construct())[1])()
-    return nnx.merge(graphdef, params)

@@ -6,7 +6,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._init import lecun_normal
 from .embeddings import sinusoidal_embedding
+
+
+def _dense(n_in, n_out, rngs, **kw):
+    kw.setdefault("kernel_init", lecun_normal)
+    return nnx.Linear(n_in, n_out, rngs=rngs, **kw)
 
 
 class _ResidualBlock(nnx.Module):
@@ -18,9 +24,9 @@ class _ResidualBlock(nnx.Module):
     """
 
     def __init__(self, width: int, temb_dim: int, *, rngs: nnx.Rngs):
-        self.dense1 = nnx.Linear(width, width, rngs=rngs)
-        self.temb = nnx.Linear(temb_dim, width, rngs=rngs)
-        self.dense2 = nnx.Linear(width, width, rngs=rngs)
+        self.dense1 = _dense(width, width, rngs)
+        self.temb = _dense(temb_dim, width, rngs)
+        self.dense2 = _dense(width, width, rngs)
 
     def __call__(self, h, temb):
         y = self.dense1(jax.nn.silu(h)) + self.temb(temb)
@@ -51,11 +57,11 @@ class MLP(nnx.Module):
                  time_scale: float = 1000.0, rngs: nnx.Rngs):
         self.temb_dim = temb_dim
         self.time_scale = float(time_scale)
-        self.time1 = nnx.Linear(temb_dim, width, rngs=rngs)
-        self.time2 = nnx.Linear(width, width, rngs=rngs)
-        self.inp = nnx.Linear(data_dim, width, rngs=rngs)
+        self.time1 = _dense(temb_dim, width, rngs)
+        self.time2 = _dense(width, width, rngs)
+        self.inp = _dense(data_dim, width, rngs)
         self.blocks = nnx.List([_ResidualBlock(width, width, rngs=rngs) for _ in range(depth)])
-        self.out = nnx.Linear(width, data_dim, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.out = _dense(width, data_dim, rngs, kernel_init=nnx.initializers.zeros_init())
 
     def __call__(self, x, t, condition=None):
         if condition is not None:

@@ -1,6 +1,6 @@
 """A small UNet noise-prediction network for 8x8 single-channel images (Flax NNX).
 
-Residual blocks with group norm and a time embedding added per channel (Ho et al. 2020),
+Residual blocks with group norm and a time embedding as a per-channel scale and shift,
 one down/up-sampling level, and an optional class embedding with an extra *null* class
 (index ``num_classes``) for classifier-free guidance (Ho & Salimans 2022): training
 replaces a fraction of the labels by the null class, and sampling with
@@ -14,7 +14,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._init import embedding_normal, lecun_normal
 from .embeddings import sinusoidal_embedding
+
+
+def _dense(n_in, n_out, *, rngs, **kw):
+    kw.setdefault("kernel_init", lecun_normal)
+    return nnx.Linear(n_in, n_out, rngs=rngs, **kw)
+
+
+def _conv(c_in, c_out, kernel_size, *, rngs, **kw):
+    kw.setdefault("kernel_init", lecun_normal)
+    return nnx.Conv(c_in, c_out, kernel_size, rngs=rngs, **kw)
 
 
 def _groups(channels: int) -> int:
@@ -25,21 +36,28 @@ def _groups(channels: int) -> int:
 
 
 class _ResBlock(nnx.Module):
-    """``skip(x) + conv(silu(GN(conv(silu(GN x)) + W temb)))``."""
+    """``skip(x) + conv(silu(GN(h) (1 + scale) + shift))``, ``h = conv(silu(GN x))``.
+
+    The time (and class) embedding enters as a per-channel scale and shift applied
+    after the second group norm (FiLM; "scale-shift norm" of Nichol & Dhariwal 2021).
+    Added before the norm, as in the original DDPM block, a per-channel constant is
+    removed again by a group norm with one channel per group.
+    """
 
     def __init__(self, c_in: int, c_out: int, temb_dim: int, *, rngs: nnx.Rngs):
         self.norm1 = nnx.GroupNorm(c_in, num_groups=_groups(c_in), rngs=rngs)
-        self.conv1 = nnx.Conv(c_in, c_out, (3, 3), padding="SAME", rngs=rngs)
-        self.temb = nnx.Linear(temb_dim, c_out, rngs=rngs)
+        self.conv1 = _conv(c_in, c_out, (3, 3), padding="SAME", rngs=rngs)
+        self.temb = _dense(temb_dim, 2 * c_out, rngs=rngs)
         self.norm2 = nnx.GroupNorm(c_out, num_groups=_groups(c_out), rngs=rngs)
-        self.conv2 = nnx.Conv(c_out, c_out, (3, 3), padding="SAME",
-                              kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
-        self.skip = nnx.Conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
+        self.conv2 = _conv(c_out, c_out, (3, 3), padding="SAME",
+                           kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
+        self.skip = _conv(c_in, c_out, (1, 1), rngs=rngs) if c_in != c_out else None
 
     def __call__(self, x, temb):
         h = self.conv1(jax.nn.silu(self.norm1(x)))
-        h = h + self.temb(jax.nn.silu(temb))[:, None, None, :]
-        h = self.conv2(jax.nn.silu(self.norm2(h)))
+        scale, shift = jnp.split(self.temb(jax.nn.silu(temb))[:, None, None, :], 2, axis=-1)
+        h = self.norm2(h) * (1.0 + scale) + shift
+        h = self.conv2(jax.nn.silu(h))
         return (x if self.skip is None else self.skip(x)) + h
 
 
@@ -71,20 +89,20 @@ class UNet(nnx.Module):
         self.num_classes = int(num_classes)
         self.temb_dim = temb_dim
         self.time_scale = float(time_scale)
-        self.time1 = nnx.Linear(temb_dim, temb_dim, rngs=rngs)
-        self.time2 = nnx.Linear(temb_dim, temb_dim, rngs=rngs)
-        self.class_embed = (nnx.Embed(self.num_classes + 1, temb_dim, rngs=rngs)
+        self.time1 = _dense(temb_dim, temb_dim, rngs=rngs)
+        self.time2 = _dense(temb_dim, temb_dim, rngs=rngs)
+        self.class_embed = (nnx.Embed(self.num_classes + 1, temb_dim, embedding_init=embedding_normal, rngs=rngs)
                             if self.num_classes > 0 else None)
-        self.conv_in = nnx.Conv(image_channels, c, (3, 3), padding="SAME", rngs=rngs)
+        self.conv_in = _conv(image_channels, c, (3, 3), padding="SAME", rngs=rngs)
         self.down0 = _ResBlock(c, c, temb_dim, rngs=rngs)
-        self.downsample = nnx.Conv(c, c, (3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
+        self.downsample = _conv(c, c, (3, 3), strides=(2, 2), padding="SAME", rngs=rngs)
         self.down1 = _ResBlock(c, 2 * c, temb_dim, rngs=rngs)
         self.mid = _ResBlock(2 * c, 2 * c, temb_dim, rngs=rngs)
         self.up1 = _ResBlock(4 * c, 2 * c, temb_dim, rngs=rngs)
-        self.upsample = nnx.Conv(2 * c, 2 * c, (3, 3), padding="SAME", rngs=rngs)
+        self.upsample = _conv(2 * c, 2 * c, (3, 3), padding="SAME", rngs=rngs)
         self.up0 = _ResBlock(3 * c, c, temb_dim, rngs=rngs)
         self.norm_out = nnx.GroupNorm(c, num_groups=_groups(c), rngs=rngs)
-        self.conv_out = nnx.Conv(c, image_channels, (3, 3), padding="SAME",
+        self.conv_out = _conv(c, image_channels, (3, 3), padding="SAME",
                                  kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
     def __call__(self, x, t, condition=None):
