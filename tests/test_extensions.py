@@ -80,7 +80,7 @@ def test_adaptive_accuracy_nfe_and_tightening(order):
         # delta = max(atol, rtol |x|) (and the accepted solution is the higher-order one);
         # the flow of a Gaussian with std < 1 does not amplify errors, so the global error
         # stays at the tolerance's size: rms error <= rtol * rms(x) + atol.
-        # (measured: order 2: 0.67 and 0.30 of this bound; order 3: 0.6 and 0.07)
+        # (measured: order 2: 0.31 and 0.22 of this bound; order 3: 0.31 and 0.04)
         assert err <= rtol * scale + atol, (rtol, err)
         errs.append(err)
         nfes.append(int(info["nfe"]))
@@ -176,7 +176,7 @@ def test_sde_order2_matches_gaussian_statistics(algorithm):
 
 def test_sde_order1_bias_shrinks_with_steps():
     """SDE-DPM-Solver++-1 is weakly first order: at 25 logSNR steps its sample std is
-    visibly too small (measured ~-15 standard errors), at 200 steps the bias is ~4-8x smaller."""
+    visibly too small (measured -14 and -16 standard errors), at 200 steps the bias is 4x smaller."""
     _, _, z25, b25 = sde_stats("sde-dpmsolver++", 1, 25, key=0)
     _, _, z200, b200 = sde_stats("sde-dpmsolver++", 1, 200, key=0)
     assert np.all(np.abs(z25) > 6), z25  # the test can see the bias
@@ -390,6 +390,12 @@ def test_edm_noise_model_agrees_with_denoiser():
     # the same exact model in two parameterisations: the same sample (same key)
     np.testing.assert_allclose(x_n, x_d, atol=1e-3)
     assert err_n < 0.05
+    # users pass VE-scale arrays too: noise = the key run's x_T (std 80) gives the same sample
+    x_d, states, _ = run_user(edm_denoiser, EDM_S, "edm", 20, "karras")
+    x_again, _, _ = dpmjax.sample(edm_denoiser, GM, None, (B_SCALE, D), schedule=EDM_S, model_type="edm",
+                                  order=2, steps=20, skip_type="karras", noise=states[0],
+                                  return_intermediate=True, return_info=True)
+    np.testing.assert_allclose(np.asarray(x_again), np.asarray(x_d), rtol=1e-5, atol=1e-5)
 
 
 def test_edm_logsnr_convergence():
@@ -407,9 +413,7 @@ def test_rectified_flow_velocity_convergence():
     assert errs[0] > errs[1] > errs[2], errs
     p = fitted_order(STEPS3, errs)
     assert 1.7 < p < 2.5, (p, errs)
-    errs = [check_user_scale_run(RF_S, flow_velocity, "flow", n, "logSNR", "dpmsolver", 1.0)[2] for n in (20, 40)]
-    p = np.log2(errs[0] / errs[1])  # measured 1.91
-    assert 1.6 < p < 2.5, (p, errs)
+    # (logSNR converges too, measured 20 -> 40 steps slope 1.91; left out for compile time)
 
 
 # --------------------------------------------------------------------------------------
@@ -428,7 +432,10 @@ GRID_SCHEDULES = {
 @pytest.mark.parametrize("name", sorted(GRID_SCHEDULES))
 def test_grids_are_decreasing_with_exact_end_points(name):
     s = GRID_SCHEDULES[name]()
-    for t_start, t_end in ((s.T, s.t_eps), (0.6 * s.T, 10 * s.t_eps)):
+    ranges = [(s.T, s.t_eps)]
+    if name in ("VPLinear", "EDM"):  # a sub-interval too (eager ops: each costs compile time)
+        ranges.append((0.6 * s.T, 10 * s.t_eps))
+    for t_start, t_end in ranges:
         t_start, t_end = float(np.float32(t_start)), float(np.float32(t_end))
         for skip in dpmjax.SKIP_TYPES:
             ts = np.asarray(dpmjax.time_grid(s, skip, t_start, t_end, 12), np.float64)
