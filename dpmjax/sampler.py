@@ -305,7 +305,8 @@ def sample(
       solver_type: ``"dpmsolver"`` or ``"taylor"`` second-order corrections.
       thresholding: dynamic thresholding of the data prediction (``"++"`` only),
         with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction).
-      correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step.
+      correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step
+        (in user scale, like ``noise`` and the result: VE scale for ``EDM``).
       noise: the starting ``x_T`` of shape ``shape`` (overrides ``key`` for ``x_T``).
       return_intermediate: also return the states on the time grid, ``(n_states, *shape)``.
       condition, unconditional_condition, guidance_scale: classifier-free guidance,
@@ -620,6 +621,12 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
     user_scale_end = schedule.state_scale(t_end)
     x_T = x_T * schedule.state_scale(t_start)  # user scale -> solver (VP) scale
     predict = _make_predict(config, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
+    if correcting_xt_fn is not None:
+        user_correcting_xt_fn = correcting_xt_fn
+
+        def correcting_xt_fn(x, t, step):  # the hook sees user scale (EDM: VE), like noise= and the result
+            sc = schedule.state_scale(t)
+            return user_correcting_xt_fn(x / sc, t, step) * sc
     info = {}
     states = None
     if config.method == "adaptive":
