@@ -363,6 +363,32 @@ def check_user_scale_run(schedule, model_fn, model_type, steps, skip_type, algor
     return x, states, rms(x - exact_user(schedule, x_T, schedule.t_eps))
 
 
+def test_edm_correcting_xt_fn_works_in_user_scale():
+    """``correcting_xt_fn(x, t, step)`` gets and returns user-scale (VE) states, like
+    ``noise=``, the result, ``return_intermediate`` and ``add_noise`` (which an inpainting
+    hook would call to re-noise known values): a hook that pins one coordinate to 7.0
+    leaves exactly 7.0 in every returned state, and the states it is given are the
+    returned ones."""
+    seen = {}
+
+    def record(step, x):
+        seen[int(step)] = np.asarray(x)
+
+    def pin(x, t, step):
+        jax.debug.callback(record, step, x)
+        return x.at[:, 0].set(7.0)
+
+    x_T = jax.random.normal(jax.random.key(12), (8, D)) * EDM_S.T
+    x, states = dpmjax.sample(edm_denoiser, GM, None, (8, D), schedule=EDM_S, model_type="edm", order=2,
+                              steps=5, skip_type="karras", noise=x_T, correcting_xt_fn=pin,
+                              return_intermediate=True)
+    states = np.asarray(states)
+    np.testing.assert_allclose(states[1:, :, 0], 7.0, rtol=1e-6)
+    assert sorted(seen) == [1, 2, 3, 4, 5]
+    for k in range(1, 6):
+        np.testing.assert_allclose(seen[k][:, 1], states[k][:, 1], rtol=1e-5)
+
+
 STEPS3 = (10, 20, 40)
 
 
