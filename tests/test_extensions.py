@@ -38,6 +38,23 @@ NOISE = jax.random.normal(jax.random.key(0), (B, D))
 EXACT = np.asarray(GM.ode_solution(NOISE, VP, VP.T, VP.t_eps))
 
 
+_CALLS = [0]
+
+
+def counting_mf(p, x, t):
+    """MF that counts its evaluations at run time (a host callback per call)."""
+    jax.debug.callback(lambda: _CALLS.__setitem__(0, _CALLS[0] + 1))
+    return MF(p, x, t)
+
+
+def counted(**kw):
+    """``run(model_fn=counting_mf, return_info=True, ...)`` plus the number of model calls made."""
+    _CALLS[0] = 0
+    out = run(model_fn=counting_mf, return_info=True, **kw)
+    jax.effects_barrier()
+    return out, _CALLS[0]
+
+
 def run(model_fn=MF, schedule=VP, noise=NOISE, key=None, shape=None, **kw):
     shape = tuple(noise.shape) if shape is None else shape
     return dpmjax.sample(model_fn, GM, key, shape, schedule=schedule, noise=noise, **kw)
@@ -69,10 +86,10 @@ def test_adaptive_accuracy_nfe_and_tightening(order):
     errs, nfes = [], []
     scale = rms(EXACT)  # ~1: the data's size
     for rtol, atol in (DEFAULT_TOL, TIGHT_TOL):
-        x, info = run(method="adaptive", order=order, rtol=rtol, atol=atol, return_info=True)
+        (x, info), calls = counted(method="adaptive", order=order, rtol=rtol, atol=atol)
         info = as_np(info)
-        # each attempt (accepted or rejected) costs `order` model evaluations
-        assert info["nfe"] == order * (info["accepted"] + info["rejected"])
+        # each attempt (accepted or rejected) costs `order` model evaluations, all counted
+        assert info["nfe"] == order * (info["accepted"] + info["rejected"]) == calls
         assert info["accepted"] >= 2 and not info["hit_max_nfe"]
         assert abs(float(info["t_final"]) - VP.t_eps) <= 1e-5  # t_err
         err = rms(np.asarray(x) - EXACT)
@@ -90,10 +107,10 @@ def test_adaptive_accuracy_nfe_and_tightening(order):
 
 
 def test_adaptive_max_nfe_stops_the_loop():
-    x, info = run(method="adaptive", order=2, max_nfe=7, return_info=True)
+    (x, info), calls = counted(method="adaptive", order=2, max_nfe=7)
     info = as_np(info)
     assert info["hit_max_nfe"]
-    assert info["nfe"] == 6  # stops before an attempt would exceed max_nfe (2 per attempt)
+    assert info["nfe"] == 6 == calls  # stops before an attempt would exceed max_nfe (2 per attempt)
     assert info["nfe"] == 2 * (info["accepted"] + info["rejected"])
     t_final = float(info["t_final"])
     assert t_final > VP.t_eps + 1e-5 and t_final < VP.T
@@ -107,11 +124,11 @@ def test_adaptive_max_nfe_stops_the_loop():
 def test_fixed_methods_report_nfe():
     # multistep/UniPC NFE checks ride along in the invert and UniPC tests; here
     # singlestep (DPM-Solver-fast mixed orders) and denoise_to_zero.
-    x, info = run(method="singlestep", order=3, steps=10, skip_type="logSNR", return_info=True)
-    assert int(info["nfe"]) == 10
+    (x, info), calls = counted(method="singlestep", order=3, steps=10, skip_type="logSNR")
+    assert int(info["nfe"]) == 10 == calls
     assert rms(np.asarray(x) - EXACT) < 0.05
-    x, info = run(order=2, steps=10, skip_type="logSNR", denoise_to_zero=True, return_info=True)
-    assert int(info["nfe"]) == 11
+    (x, info), calls = counted(order=2, steps=10, skip_type="logSNR", denoise_to_zero=True)
+    assert int(info["nfe"]) == 11 == calls
     # the result is the exact posterior mean x0(x, t_end) = E[x0 | x_t_end] of the plain run's x
     plain, info = run(order=2, steps=10, skip_type="logSNR", return_info=True)
     assert int(info["nfe"]) == 10
