@@ -129,6 +129,13 @@ def _timed(fn):
     return time.perf_counter() - t0
 
 
+def _timed2(fn):
+    """(wall seconds, CPU seconds of this process, all threads)."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn().block_until_ready()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def measure_ratios(width, batch, repeats, warmup, schedule):
     """Per method: medians (and minima) of limit, ``sample()`` and ``jax.jit(sample)`` times.
 
@@ -165,16 +172,23 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
     times = {k: ([], [], []) for k in calls}
     for _ in range(repeats):
         for label, (direct, wrapped) in calls.items():  # interleaved: limit, sample, jit(sample), limit, ...
-            t_l, t_s, t_j = times[label]
-            t_l.append(_timed(call_limit))
-            t_s.append(_timed(direct))
-            t_j.append(_timed(wrapped))
+            for acc, fn in zip(times[label], (call_limit, direct, wrapped)):
+                acc.append(_timed2(fn))
     rows = []
     for label in calls:
-        t_l, t_s, t_j = times[label]
-        med = [statistics.median(v) for v in (t_l, t_s, t_j)]
-        mins = [min(v) for v in (t_l, t_s, t_j)]
-        rows.append((label, med, mins))
+        t_l, t_s, t_j = (np.asarray(v) for v in times[label])  # (repeats, 2): wall, cpu
+        rows.append(
+            dict(
+                label=label,
+                limit=np.median(t_l[:, 0]),
+                sample=np.median(t_s[:, 0]),
+                ratio=np.median(t_s[:, 0]) / np.median(t_l[:, 0]),
+                paired=np.median(t_s[:, 0] / t_l[:, 0]),
+                cpu=np.median(t_s[:, 1]) / np.median(t_l[:, 1]),
+                jit=np.median(t_j[:, 0]) / np.median(t_l[:, 0]),
+                jit_cpu=np.median(t_j[:, 1]) / np.median(t_l[:, 1]),
+            )
+        )
     return rows
 
 
@@ -195,9 +209,9 @@ def measure_compile(steps_list, schedule, trials, width=128, batch=512):
                         skip_type="logSNR", **kw
                     )
 
-                first = _timed(run)
-                cached = statistics.median(_timed(run) for _ in range(3))
-                best = first - cached if best is None else min(best, first - cached)
+                first = np.asarray(_timed2(run))  # (wall, cpu)
+                cached = np.median([_timed2(run) for _ in range(3)], axis=0)
+                best = first - cached if best is None else np.minimum(best, first - cached)
             out[(label, steps)] = best
     return out
 
@@ -242,6 +256,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed repeats of the large size (default 25, quick 5; "
                    "the small size gets 4x as many)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "speed.md"))
+    p.add_argument("--compile-only", action="store_true", help="only the compile-time table")
     p.add_argument("--hlo", default=None, help="directory to dump optimised HLO of limit and sample()")
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 25)
@@ -255,20 +270,25 @@ def main(argv=None):
         f"`sample()` / limit at NFE {NFE} (skip_type logSNR, float32); limit = jitted `lax.scan` of "
         f"NFE model calls + one fused axpy. `jit(sample)`: the same call inside a `jax.jit` wrapper (no per-call "
         f"Python validation/dispatch). Median of interleaved repeats ({4 * repeats} for width 128, "
-        f"{repeats} for width 512) each; ratio of medians.",
+        f"{repeats} for width 512) each; **ratio** = ratio of medians of wall time. Also: `paired` = median of "
+        "the per-repeat ratios (adjacent calls see the same machine load); `CPU-time ratio` = ratio of medians of "
+        "this process's CPU time (all threads), which does not count time the process waited for the CPU "
+        "(robust when other jobs share the machine).",
         "",
-        "| model | method | limit (ms) | sample() (ms) | **ratio** | target | met | jit(sample) ratio | ratio of minima |",
-        "|---|---|---:|---:|---:|---:|:---:|---:|---:|",
+        "| model | method | limit (ms) | sample() (ms) | **ratio** | target | met | paired | CPU-time ratio "
+        "| jit(sample) ratio | jit(sample) CPU ratio |",
+        "|---|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
     ]
     print(lines[2], flush=True)
-    for width, batch, target in SIZES:
+    for width, batch, target in [] if args.compile_only else SIZES:
         n = 4 * repeats if width == SIZES[0][0] else repeats
         rows = measure_ratios(width, batch, n, warmup=2, schedule=schedule)
-        for label, (ml, ms, mj), (nl, ns, _) in rows:
-            r = ms / ml
+        for row in rows:
+            r = row["ratio"]
             line = (
-                f"| MLP w{width} B{batch} | {label} | {ml * 1e3:.2f} | {ms * 1e3:.2f} | **{r:.3f}** | "
-                f"<= {target:.2f} | {'yes' if r <= target else 'NO'} | {mj / ml:.3f} | {ns / nl:.3f} |"
+                f"| MLP w{width} B{batch} | {row['label']} | {row['limit'] * 1e3:.2f} | {row['sample'] * 1e3:.2f} | "
+                f"**{r:.3f}** | <= {target:.2f} | {'yes' if r <= target else 'NO'} | {row['paired']:.3f} | "
+                f"{row['cpu']:.3f} | {row['jit']:.3f} | {row['jit_cpu']:.3f} |"
             )
             lines.append(line)
             print(line, flush=True)
@@ -280,14 +300,19 @@ def main(argv=None):
         "Compile time of `sample()` (first call minus a cached call; fresh `model_fn` closure per value; "
         f"MLP w128 B512; smallest of {trials} cold compiles). Growth = largest / smallest; must be <= 1.5.",
         "",
+        "Wall seconds, and in parentheses CPU seconds of this process (not counting time spent waiting "
+        "for a core; steadier on a shared machine). Growth is computed from the CPU seconds.",
+        "",
         "| method | " + " | ".join(f"steps {s} (s)" for s in steps_list) + " | growth | ok |",
         "|---|" + "---:|" * len(steps_list) + "---:|:---:|",
     ]
     for label, _ in METHODS:
         vals = [comp[(label, s)] for s in steps_list]
-        growth = max(vals) / min(vals)
+        cpu = [v[1] for v in vals]
+        growth = max(cpu) / min(cpu)
         line = (
-            f"| {label} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {growth:.2f} | {'yes' if growth <= 1.5 else 'NO'} |"
+            f"| {label} | " + " | ".join(f"{v[0]:.2f} ({v[1]:.2f})" for v in vals)
+            + f" | {growth:.2f} | {'yes' if growth <= 1.5 else 'NO'} |"
         )
         lines.append(line)
         print(line, flush=True)
