@@ -346,14 +346,15 @@ def _cmd_demo(args) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    from .train.checkpoint import CheckpointError
-
     try:
         from absl import logging as absl_logging  # orbax logs routine notices as warnings
 
         absl_logging.set_verbosity(absl_logging.ERROR)
-    except ImportError:
-        pass
+        from .train.checkpoint import CheckpointError
+    except ImportError as e:
+        print(f"{PROG}: error: the command line needs the demo extra (pip install 'dpmjax[demo]'): {e}",
+              file=sys.stderr)
+        return 2
     try:
         args = _build_parser().parse_args(argv)
         return {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample}[args.command](args)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 
-@jax.jit(static_argnames=("num_projections",))
+@functools.partial(jax.jit, static_argnames=("num_projections",))
 def sliced_wasserstein(x, y, key, *, num_projections: int = 256):
     """Sliced 2-Wasserstein distance between two equal-sized sample sets.
 
