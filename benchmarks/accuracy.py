@@ -16,7 +16,7 @@ and it makes one compilation serve all problems.
 
 Generic ODE solvers (Euler, Heun, RK4 in ``t``) integrate the PF-ODE
 
-    dx/dt = f(t) x - g(t)^2 / (2 sigma_t) eps(x, t),
+    dx/dt = f(t) x + g(t)^2 / (2 sigma_t) eps(x, t)    (DPM-Solver eq. 2.4),
     f = d log alpha / dt,   g^2 = d sigma^2 / dt - 2 f sigma^2,
 
 on the same time grids, with at most the same NFE (Heun 2, RK4 4 evaluations per step).
@@ -140,7 +140,9 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None):
         sigma = schedule.sigma(t)
         g2 = 2.0 * sigma**2 * (dlog_sigma - f)
         t_model = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],))
-        return f * x - g2 / (2.0 * sigma) * model_fn(params, x, t_model)
+        # grad log p_t = -eps / sigma, so dx/dt = f x - g^2/2 grad log p = f x + g^2/(2 sigma) eps
+        # (DPM-Solver, Lu et al. 2022, eq. 2.4)
+        return f * x + g2 / (2.0 * sigma) * model_fn(params, x, t_model)
 
     def make_generic(kind):
         @jax.jit
