@@ -165,17 +165,19 @@ def _cmd_train(args) -> int:
 
     config, out = _train_config(args)
     trainer = Trainer(config, out)
-    latest = trainer._checkpoints.latest_step()
+    latest = trainer.checkpoints.latest_step()
     if latest is not None:
         print(f"resuming {out} from step {latest}", file=sys.stderr)
     t0 = time.perf_counter()
     try:
         result = trainer.train(progress=not args.no_progress)
     except KeyboardInterrupt:
-        step = trainer._checkpoints.latest_step()
+        step = trainer.checkpoints.latest_step()
         print(f"{PROG} train: interrupted; checkpoint at step {step} in {os.path.abspath(out)}; "
               "run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        trainer.close()
     state = result.state
     last = [result.losses[k] for k in sorted(result.losses)[-100:]]
     mean_loss = sum(last) / len(last) if last else float("nan")
@@ -198,6 +200,7 @@ def _cmd_sample(args) -> int:
     from .train.trainer import load_trained
 
     trainer, state = load_trained(args.checkpoint, step=args.step)
+    trainer.close()
     ds = trainer.dataset
     params = state.params if args.no_ema else state.ema_params
     key = jax.random.key(args.seed)
@@ -285,7 +288,10 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     run_dir = os.path.join(out, f"run-{data}-{train_steps}")
     trainer = Trainer(config, run_dir)
     t0 = time.perf_counter()
-    state = trainer.train(progress=progress).state
+    try:
+        state = trainer.train(progress=progress).state
+    finally:
+        trainer.close()
     train_seconds = time.perf_counter() - t0
     log(f"trained a {model['width']}-wide, {model['depth']}-block MLP on {data} for {train_steps} steps "
         f"in {train_seconds:.1f}s (checkpoints: {run_dir})")

@@ -227,7 +227,7 @@ def test_sigint_stops_after_the_step_and_saves_it(tmp_path, reference):
     trainer = Trainer(tiny(), d)
 
     def interrupt_after_first_checkpoint():
-        while not trainer._checkpoints.all_steps():
+        while not trainer.checkpoints.all_steps():
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 
@@ -237,7 +237,7 @@ def test_sigint_stops_after_the_step_and_saves_it(tmp_path, reference):
         trainer.train(progress=False, stop_at=STEPS)
     thread.join()
     stopped_at = max(read_losses(d)) + 1
-    assert Trainer(tiny(), d)._checkpoints.latest_step() == stopped_at  # saved, though not a multiple of 10
+    assert Trainer(tiny(), d).checkpoints.latest_step() == stopped_at  # saved, though not a multiple of 10
     resumed = Trainer(tiny(), d).train(progress=False, stop_at=stopped_at + 5)
     straight = Trainer(tiny(), None).train(progress=False, stop_at=stopped_at + 5)
     assert resumed.start_step == stopped_at
@@ -270,7 +270,7 @@ def test_sigkill_then_resume(tmp_path):
     config = TrainConfig.from_dict(json.load(open(os.path.join(d, "config.json"))))
     assert config.mismatches(tiny().resolved()) == []
     trainer = Trainer(config, d)
-    last = trainer._checkpoints.latest_step()
+    last = trainer.checkpoints.latest_step()
     assert last >= 40 and last % 20 == 0
     resumed = trainer.train(progress=False, stop_at=last + 10)
     assert resumed.start_step == last

@@ -120,8 +120,17 @@ def _build(key: str):
     graphdef, params = nnx.split(build_model(config.model, seed=config.seed))
     model_fn = as_model_fn(graphdef)
     tx = make_optimizer(config)
-    step_fn = _make_step(config, get_dataset(config.data), model_fn, tx)
-    return graphdef, params, model_fn, tx, step_fn
+    ds = get_dataset(config.data)
+    step_fn = _make_step(config, ds, model_fn, tx)
+
+    @functools.partial(jax.jit, static_argnames=("n",))
+    def eval_fn(params, schedule, key, n):
+        k_data, k_loss = jax.random.split(key)
+        x0, labels = ds.sample(k_data, n)
+        return diffusion_loss(model_fn, params, schedule, x0, labels, k_loss, num_classes=ds.num_classes,
+                              label_dropout=0.0)
+
+    return graphdef, params, model_fn, tx, step_fn, eval_fn
 
 
 class Trainer:
@@ -148,7 +157,7 @@ class Trainer:
         self.schedule = make_schedule(self.config.schedule)
         self._key = jax.random.key(self.config.seed)
         built = _build(_config_key(self.config))
-        self.graphdef, self._init_params, self.model_fn, self.tx, self._step_fn = built
+        self.graphdef, self._init_params, self.model_fn, self.tx, self._step_fn, self._eval_fn = built
         self._checkpoints = None
         if self.directory is not None:
             self._open_directory()
@@ -186,13 +195,19 @@ class Trainer:
 
     def eval_loss(self, params, *, n: int = 2048, seed: int = 12345) -> float:
         """The loss of ``params`` on a fixed batch, times and noise (a deterministic yardstick)."""
-        key = jax.random.key(seed)
-        k_data, k_loss = jax.random.split(key)
-        x0, labels = self.dataset.sample(k_data, n)
-        return float(diffusion_loss(self.model_fn, params, self.schedule, x0, labels, k_loss,
-                                    num_classes=self.dataset.num_classes, label_dropout=0.0))
+        return float(self._eval_fn(params, self.schedule, jax.random.key(seed), n))
 
     # -- checkpoints ------------------------------------------------------------------
+
+    @property
+    def checkpoints(self) -> Optional[ckpt.RunCheckpoints]:
+        """The run's checkpoints (``None`` for an in-memory run)."""
+        return self._checkpoints
+
+    def close(self) -> None:
+        """Release the checkpoint manager (its background threads)."""
+        if self._checkpoints is not None:
+            self._checkpoints.close()
 
     def abstract_state(self):
         return jax.eval_shape(self.init_state)
