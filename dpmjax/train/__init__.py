@@ -7,7 +7,7 @@ from .checkpoint import CheckpointError, read_losses
 from .config import SCHEDULES, TrainConfig, make_schedule, read_config
 from .data import DATASETS, Dataset, get_dataset
 from .metrics import sliced_wasserstein
-from .trainer import Trainer, TrainResult, TrainState, diffusion_loss, make_optimizer
+from .trainer import Trainer, TrainResult, TrainState, diffusion_loss, load_trained, make_optimizer
 
 __all__ = [
     "CheckpointError",
@@ -20,6 +20,7 @@ __all__ = [
     "Trainer",
     "diffusion_loss",
     "get_dataset",
+    "load_trained",
     "make_optimizer",
     "make_schedule",
     "read_config",
