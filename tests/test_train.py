@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import dpmjax
-from dpmjax.train import (CheckpointError, DATASETS, TrainConfig, Trainer, diffusion_loss, get_dataset,
-                          read_losses, sliced_wasserstein)
+from dpmjax.train import (CheckpointError, DATASETS, SCHEDULES, TrainConfig, Trainer, diffusion_loss,
+                          get_dataset, make_schedule, read_losses, sliced_wasserstein)
 from dpmjax.train.trainer import load_trained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,13 +95,16 @@ def test_sliced_wasserstein_of_a_shift():
         sliced_wasserstein(x, x[:10], key)
 
 
-def test_loss_of_the_exact_noise_predictor():
+@pytest.mark.parametrize("schedule_name", SCHEDULES)
+def test_loss_of_the_exact_noise_predictor(schedule_name):
     # Gaussian data N(0, s^2 I): E[eps | x_t] = sigma x_t / (alpha^2 s^2 + sigma^2) and its loss (a mean
-    # over samples and coordinates) is E_t[alpha^2 s^2 / (alpha^2 s^2 + sigma^2)]; the zero predictor's is 1.
-    schedule, s, d, n = dpmjax.VPLinear(), 0.5, 2, 200_000
+    # over samples and coordinates) is E_t[alpha^2 s^2 / (alpha^2 s^2 + sigma^2)], t ~ U[t_eps, T];
+    # the zero predictor's is 1. The network sees model_time(t) (t N - 1 for the discrete schedule).
+    schedule, s, d, n = make_schedule(schedule_name), 0.5, 2, 200_000
     x0 = s * jax.random.normal(jax.random.key(0), (n, d))
 
-    def exact(params, x, t, condition=None):
+    def exact(params, x, t_model, condition=None):
+        t = schedule.solver_time(t_model)
         a, sg = schedule.alpha(t)[:, None], schedule.sigma(t)[:, None]
         return sg * x / (a**2 * s**2 + sg**2)
 
