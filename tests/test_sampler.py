@@ -118,13 +118,11 @@ CONFIGS = [
 # r differ from 1 and every r-dependent term is exercised), plus a covering subset on the
 # other grids (singlestep's outer/inner-grid rules depend on the skip type).
 SUBSET = {
+    # logSNR is also the grid of every test_convergence_order run (compared with the
+    # reference there); here only the short-run DPM-Solver-fast splits ending in order 1.
     "logSNR": {
         ("singlestep", 2, "dpmsolver", "bh2"),
         ("singlestep", 3, "taylor", "bh2"),
-        ("singlestep_fixed", 2, "taylor", "bh2"),
-        ("singlestep_fixed", 3, "dpmsolver", "bh2"),
-        ("multistep", 3, "dpmsolver", "bh2"),
-        ("unipc", 3, "dpmsolver", "bh1"),
     },
     "time_quadratic": {
         ("singlestep", 2, "taylor", "bh2"),
@@ -226,14 +224,18 @@ SERIES = [
 
 
 def _series_cases():
+    # One library run per series (compilations are the budget): algorithm, schedule,
+    # solver_type and variant rotate so that each appears across the series. The full
+    # cross runs on the numpy reference (test_reference_convergence_full_cross), which the
+    # library matches to 1e-9 at every point measured here.
     cases = []
     for j, (method, order, steps, expected) in enumerate(SERIES):
-        for a, algorithm in enumerate(("dpmsolver++", "dpmsolver")):
-            sched = SCHEDULES[(j + a) % 3]
-            solver_type = ("dpmsolver", "taylor")[(j + a) % 2]
-            variant = ("bh2", "bh1")[a]
-            cases.append(pytest.param(method, order, steps, expected, algorithm, sched, solver_type, variant,
-                                      id=f"{method}-o{order}-{algorithm}-{sched}"))
+        algorithm = ("dpmsolver++", "dpmsolver")[j % 2]
+        sched = SCHEDULES[j % 3]
+        solver_type = ("dpmsolver", "taylor")[(j // 2) % 2]
+        variant = ("bh2", "bh1")[j % 2]
+        cases.append(pytest.param(method, order, steps, expected, algorithm, sched, solver_type, variant,
+                                  id=f"{method}-o{order}-{algorithm}-{sched}"))
     return cases
 
 
