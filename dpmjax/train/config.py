@@ -40,7 +40,7 @@ def default_model_spec(data: str, schedule: str) -> dict:
     time_scale = 1000.0 / float(sched.model_time(sched.T))
     ds = get_dataset(data)
     if ds.is_image:
-        return {"kind": "unet", "image_channels": ds.shape[-1], "channels": 32,
+        return {"kind": "unet", "image_channels": ds.shape[-1], "channels": 16,
                 "num_classes": ds.num_classes, "temb_dim": 128, "time_scale": time_scale}
     return {"kind": "mlp", "data_dim": ds.shape[0], "width": 64, "depth": 3, "temb_dim": 64,
             "time_scale": time_scale}
@@ -62,7 +62,7 @@ class TrainConfig:
     schedule: str = "linear"
     model: Optional[Mapping[str, Any]] = None  # None: default_model_spec(data, schedule)
     steps: int = 5000
-    batch_size: int = 256
+    batch_size: Optional[int] = None  # None: 256 for 2-D data, 64 for images
     learning_rate: float = 2e-3
     warmup_steps: int = 100
     weight_decay: float = 1e-4
@@ -76,9 +76,11 @@ class TrainConfig:
     BOOKKEEPING = ("checkpoint_every", "keep_checkpoints")
 
     def resolved(self) -> "TrainConfig":
-        """Validated copy with the model spec filled in."""
-        get_dataset(self.data)
+        """Validated copy with the model spec and batch size filled in."""
+        ds = get_dataset(self.data)
         make_schedule(self.schedule)
+        if self.batch_size is None:
+            self = dataclasses.replace(self, batch_size=64 if ds.is_image else 256)
         for name in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
