@@ -26,7 +26,8 @@ discretisation error and not float32 rounding.
 
 Run::
 
-    python benchmarks/accuracy.py           # full table (about 10 min on 2 CPU cores)
+    python benchmarks/accuracy.py           # full table (~300 compilations: 15-45 min on 2 CPU cores;
+                                            #   add --cache-dir DIR and a rerun takes ~5 min)
     python benchmarks/accuracy.py --quick   # NFE 5/10/20, fewer samples (1-2 min)
 """
 
@@ -285,7 +286,9 @@ def plot(results, nfes, path):
 
     n_prob = len(results[0]["problems"])
     fig, axes = plt.subplots(len(results), n_prob, figsize=(5.2 * n_prob, 4.6 * len(results)), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    from matplotlib.ticker import NullFormatter
+
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: generic solvers are grey
     styles = {"logSNR": "-", "time_uniform": "--", "time_quadratic": ":"}
     for i, res in enumerate(results):
         for j, prob in enumerate(res["problems"]):
@@ -295,7 +298,7 @@ def plot(results, nfes, path):
                     if (label, skip, nfes[0]) not in res["errors"]:
                         continue
                     ys = [res["errors"][(label, skip, n)][j] for n in nfes]
-                    ax.loglog(nfes, ys, styles[skip], color=cmap(c), marker=".", lw=1.2,
+                    ax.loglog(nfes, ys, styles[skip], color=palette[c], marker=".", lw=1.2,
                               label=f"{label} {skip}" if i == 0 and j == 0 else None)
             for k, kind in enumerate(GENERIC):
                 xs = [res["actual_nfe"][(kind, "time_uniform", n)] for n in nfes if (kind, "time_uniform", n) in res["errors"]]
@@ -307,10 +310,11 @@ def plot(results, nfes, path):
             ax.set_ylabel("RMS error vs reference")
             ax.set_xticks(list(nfes))
             ax.set_xticklabels([str(n) for n in nfes])
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.grid(True, which="both", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 + 0.12 / len(results), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -379,6 +383,7 @@ def main(argv=None):
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache (makes reruns fast)")
     p.add_argument("--nfes", default=None, help="comma-separated NFE list (overrides the default)")
     p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {SCHEDULES}")
+    p.add_argument("--replot", default=None, help="only redraw the PNG from a results JSON written by a run")
     p.add_argument("--only", default=None, help="run only the dpmjax solvers whose label contains this (smoke tests)")
     args = p.parse_args(argv)
     args.batch = args.batch or (256 if args.quick else 1000)
@@ -391,6 +396,14 @@ def main(argv=None):
     # (changes results only in the last bit; inherited by the worker processes).
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
 
+    if args.replot:
+        with open(args.replot) as f:
+            raw = json.load(f)
+        results = [{**r, "errors": {tuple(e[:3]): e[3] for e in r["errors"]},
+                    "actual_nfe": {tuple(e[:3]): e[3] for e in r["actual_nfe"]}} for r in raw]
+        nfes = tuple(sorted({k[2] for k in results[0]["errors"]}))
+        plot(results, nfes, args.replot.replace(".json", ".png"))
+        return 0
     t0 = time.perf_counter()
     chosen = [s for s in SCHEDULES if s in args.schedules.split(",")]
     if not chosen:
