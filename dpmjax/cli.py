@@ -182,8 +182,7 @@ def _cmd_train(args) -> int:
     last = [result.losses[k] for k in sorted(result.losses)[-100:]]
     mean_loss = sum(last) / len(last) if last else float("nan")
     print(f"trained {config.data} to step {int(state.step)} in {time.perf_counter() - t0:.1f}s; "
-          f"mean loss of the last {len(last)} steps {mean_loss:.4f}; EMA eval loss "
-          f"{trainer.eval_loss(state.ema_params):.4f}; checkpoints in {os.path.abspath(out)}")
+          f"mean loss of the last {len(last)} steps {mean_loss:.4f}; checkpoints in {os.path.abspath(out)}")
     return 0
 
 

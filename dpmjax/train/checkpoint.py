@@ -69,9 +69,13 @@ class RunCheckpoints:
     def _check_listing(self):
         # A directory named like a step that orbax does not recognise as a finished
         # checkpoint was damaged after it was written (orbax writes to a temporary name).
+        # Resuming from an older step would silently drop the newer one: refuse. (An older
+        # damaged step, say one being deleted by max_to_keep when the process was killed,
+        # is never restored, so it does not matter.)
         steps = set(self._manager.all_steps())
+        newest = max(steps, default=-1)
         for name in os.listdir(self.directory):
-            if name.isdigit() and int(name) not in steps:
+            if name.isdigit() and int(name) not in steps and int(name) > newest:
                 raise CheckpointError(
                     f"{self.directory}: step directory {name!r} is not a complete orbax checkpoint; "
                     "remove it to resume from an earlier step"
