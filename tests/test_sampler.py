@@ -249,6 +249,8 @@ def test_convergence_order(x64, method, order, steps, expected, algorithm, sched
 
     Grid logSNR, ``lower_order_final=False`` (a final order-1 step would cap the
     asymptotic order at 2). Every run is also compared with the numpy reference.
+    One library run per (method, order); algorithm, schedule and solver_type/variant
+    rotate (_series_cases); the full cross runs on the reference.
 
     What is measured, and why these step counts:
 
@@ -260,7 +262,7 @@ def test_convergence_order(x64, method, order, steps, expected, algorithm, sched
       step, with its corrector, has local error O(h^3) and would eventually cap UniPC-3
       at 3, but near t = T its constant carries alpha_T^2 ~ e^-10 and order 4 is what
       is seen up to 256 steps (and beyond, in the reference).
-    * **Multistep order 3: p = 2.** The lead attributed this to the order-1 warm-up
+    * **Multistep order 3: p = 2.** This is easily attributed to the order-1 warm-up
       step. It is not the warm-up: with an *exact* warm-up the reference still converges
       at order 2 (``test_multistep3_formula_is_second_order``). REFERENCE.md's multistep
       order-3 update (as in the authors' code) uses ``D2 = (D1_0 - D1_1)/(r0 + r1)``,
