@@ -28,7 +28,7 @@ Run::
 
     python benchmarks/accuracy.py           # full table (~300 compilations: 15-45 min on 2 CPU cores;
                                             #   add --cache-dir DIR and a rerun takes ~5 min)
-    python benchmarks/accuracy.py --quick   # NFE 5/10/20, fewer samples (1-2 min)
+    python benchmarks/accuracy.py --quick   # NFE 5/10/20, 256 samples (~100 compilations, ~7 min)
 """
 
 from __future__ import annotations
