@@ -185,6 +185,8 @@ def _corrupt_arrays(step_dir):
     assert n > 0
 
 
+# orbax's failed read of the garbage arrays leaves an asyncio callback behind; it is not ours
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["arrays", "missing", "config"])
 def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path, saved_run, damage):
     d = str(tmp_path / "corrupt")
