@@ -363,10 +363,16 @@ def sample(
     dtype = jnp.result_type(float)
     return _sample_jit(
         config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
-        condition, unconditional_condition, jnp.asarray(guidance_scale, dtype),
-        jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype),
-        None if timesteps is None else jnp.asarray(timesteps, dtype),
+        condition, unconditional_condition, _host_scalar(guidance_scale, dtype),
+        np.asarray(t_start, dtype), np.asarray(t_end, dtype),
+        None if timesteps is None else _host_scalar(timesteps, dtype),
     )
+
+
+def _host_scalar(v, dtype):
+    """Python/NumPy values stay on the host (an eager ``jnp.asarray`` is a dispatched op,
+    ~100 us each on CPU); JAX arrays and tracers pass through (cast inside the jit)."""
+    return v if isinstance(v, (jax.Array, jax.core.Tracer)) else np.asarray(v, dtype)
 
 
 def invert(
@@ -430,9 +436,9 @@ def invert(
     dtype = jnp.result_type(float)
     return _sample_jit(
         config, model_fn, sig["classifier_fn"], sig["correcting_xt_fn"], None, schedule, params, None, x0,
-        sig["condition"], sig["unconditional_condition"], jnp.asarray(sig["guidance_scale"], dtype),
-        jnp.asarray(lo, dtype), jnp.asarray(hi, dtype),
-        None if timesteps is None else jnp.asarray(timesteps, dtype),
+        sig["condition"], sig["unconditional_condition"], _host_scalar(sig["guidance_scale"], dtype),
+        np.asarray(lo, dtype), np.asarray(hi, dtype),
+        None if timesteps is None else _host_scalar(timesteps, dtype),
     )
 
 
@@ -479,11 +485,12 @@ def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, co
 
         return jax.lax.cond(scale == 1.0, conditional_only, guided, None)
 
-    def predict(x, t, *, data=None):
+    def predict(x, t, *, data=None, pre=None):
+        """``pre = (model_time, alpha, sigma)`` at ``t`` when precomputed from the grid."""
         data = config.predict_data if data is None else data
         b = x.shape[0]
-        t_model = jnp.broadcast_to(schedule.model_time(t), (b,)).astype(dtype)
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        t_m, alpha, sigma = pre if pre is not None else _per_step(schedule, t)
+        t_model = jnp.broadcast_to(t_m, (b,)).astype(dtype)
         x_in = x / schedule.state_scale(t)  # the network sees user-scale inputs (EDM: VE scale)
         out = raw(x_in, t_model)
         if config.guidance == "classifier":
@@ -501,6 +508,12 @@ def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, co
         return m
 
     return predict
+
+
+def _per_step(schedule, t):
+    """``(model_time, alpha, sigma)`` at time(s) ``t``: what a model call needs from the
+    schedule. The scan driver computes it for the whole grid before the loop."""
+    return schedule.model_time(t), schedule.alpha(t), schedule.sigma(t)
 
 
 def _plan(config: _Config, schedule, t_start, t_end, timesteps):
@@ -544,16 +557,24 @@ def _combine(coefs, hist):
     return out
 
 
-def _scan(config, predict, plan, x_T, key, correcting_xt_fn, t_end):
-    """The fixed-step driver: one ``lax.scan`` over model evaluations (see dpmjax.updates)."""
+def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end):
+    """The fixed-step driver: one ``lax.scan`` over model evaluations (see dpmjax.updates).
+
+    Multistep carries ``(x, hist)`` (its evaluation point is ``x``: a separate ``y`` would
+    cost a copy of the state per step); singlestep and UniPC carry ``(x, y, hist)``.
+    """
     K = plan.cx.shape[1]
     multistep = config.method == "multistep"
     unipc = config.method == "unipc"
     dtype = x_T.dtype
 
     def body(carry, inp):
-        x, y, hist = carry
-        m = predict(y, inp["t_eval"])
+        if multistep:
+            x, hist = carry
+            y = x
+        else:
+            x, y, hist = carry
+        m = predict(y, inp["t_eval"], pre=inp["pre"])
         hist = jax.lax.dynamic_update_index_in_dim(hist, m, inp["slot"], 0)
         x_new = inp["ax"] * x + _combine([inp["cx"][k] for k in range(K)], hist)
         if unipc:
@@ -564,15 +585,20 @@ def _scan(config, predict, plan, x_T, key, correcting_xt_fn, t_end):
         if correcting_xt_fn is not None:
             corrected = correcting_xt_fn(x_new, inp["t_state"], inp["step"] + 1)
             x_new = jnp.where(inp["step_end"], corrected, x_new)
-        if multistep:
-            y_new = x_new
-        else:
-            y_new = inp["ay"] * x_new + _combine([inp["cy"][k] for k in range(K)], hist)
         out = x_new if config.return_intermediate else None
+        if multistep:
+            return (x_new, hist), out
+        y_new = inp["ay"] * x_new + _combine([inp["cy"][k] for k in range(K)], hist)
         return (x_new, y_new, hist), out
 
     n = plan.t_eval.shape[0]
-    inputs = {"t_eval": plan.t_eval, "slot": plan.slot, "ax": plan.ax, "cx": plan.cx}
+    inputs = {
+        "t_eval": plan.t_eval,
+        "pre": _per_step(schedule, plan.t_eval),
+        "slot": plan.slot,
+        "ax": plan.ax,
+        "cx": plan.cx,
+    }
     if unipc:
         inputs["bx"] = plan.bx
     if not multistep:
@@ -588,7 +614,10 @@ def _scan(config, predict, plan, x_T, key, correcting_xt_fn, t_end):
             inputs["step_end"] = jnp.asarray(plan.step_end)
             inputs["step"] = jnp.asarray(plan.step_index, jnp.int32)
     hist0 = jnp.zeros((K,) + x_T.shape, dtype)
-    (_, y, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
+    if multistep:
+        (y, _), xs = jax.lax.scan(body, (x_T, hist0), inputs)
+    else:
+        (_, y, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
     if unipc and correcting_xt_fn is not None:
         y = correcting_xt_fn(y, t_end, config.steps)
     if not config.return_intermediate:
@@ -606,6 +635,10 @@ def _scan(config, predict, plan, x_T, key, correcting_xt_fn, t_end):
 def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
                 condition, uncond, scale, t_start, t_end, timesteps):
     dtype = jnp.result_type(float)
+    scale = jnp.asarray(scale, dtype)
+    t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
+    if timesteps is not None:
+        timesteps = jnp.asarray(timesteps, dtype)
     if key is not None and config.stochastic:
         key, key_steps = jax.random.split(key)
     else:
@@ -639,7 +672,7 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
         user_scale_end = schedule.state_scale(info["t_final"])
     else:
         plan = _plan(config, schedule, t_start, t_end, timesteps)
-        y, states = _scan(config, predict, plan, x_T, key_steps, correcting_xt_fn, t_end)
+        y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end)
         info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
         if states is not None:
             scales = jnp.concatenate([t_start[None], plan.t_state[np.flatnonzero(plan.step_end)]])
