@@ -121,6 +121,19 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=_nonnegative_int, default=0)
     sample.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA parameters")
     sample.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+    sample.add_argument("--timesteps", default=None,
+                        help="time grid file from `dpmjax fit-steps` (JSON or .npy); sets --steps to its length - 1")
+
+    fit = sub.add_parser("fit-steps", help="fit a time grid to a trained 2-D model (dpmjax.fit_timesteps)")
+    fit.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train`")
+    fit.add_argument("--algorithm", choices=("dpmsolver++", "dpmsolver"), default="dpmsolver++")
+    fit.add_argument("--order", type=int, choices=(1, 2, 3), default=2)
+    fit.add_argument("--steps", type=_positive_int, default=6, help="model evaluations (NFE) of the grid")
+    fit.add_argument("--trajectories", type=_positive_int, default=128, help="reference trajectories (default: 128)")
+    fit.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid intervals (default: 40)")
+    fit.add_argument("--refine-iters", type=_nonnegative_int, default=200, help="gradient refinement steps")
+    fit.add_argument("--seed", type=_nonnegative_int, default=0)
+    fit.add_argument("--out", default="timesteps.json", help="grid file to write (default: timesteps.json)")
     return parser
 
 
@@ -206,6 +219,10 @@ def _cmd_sample(args) -> int:
     kwargs = dict(schedule=trainer.schedule, algorithm=args.algorithm, method=args.method, order=args.order,
                   steps=args.steps, skip_type=args.skip_type)
     label = f"{args.algorithm} {args.method} order {args.order}, {args.steps} NFE, {args.skip_type}"
+    if args.timesteps is not None:
+        ts = dpmjax.load_timesteps(args.timesteps)
+        kwargs.update(steps=len(ts) - 1, timesteps=ts)
+        label = f"{args.algorithm} {args.method} order {args.order}, {len(ts) - 1} NFE, grid {os.path.basename(args.timesteps)}"
 
     if ds.num_classes == 0:
         if args.class_ is not None or args.guidance_scale is not None:
@@ -349,6 +366,35 @@ def _cmd_demo(args) -> int:
 # -- entry point --------------------------------------------------------------------------
 
 
+# -- fit-steps ----------------------------------------------------------------------------
+
+
+def _cmd_fit_steps(args) -> int:
+    import jax
+
+    import dpmjax
+    from .train.trainer import load_trained
+
+    trainer, state = load_trained(args.checkpoint)
+    trainer.close()
+    ds = trainer.dataset
+    if ds.num_classes:
+        raise ValueError(f"fit-steps supports the unlabelled 2-D data sets; {ds.name} is class-conditional")
+    t0 = time.perf_counter()
+    ts, info = dpmjax.fit_timesteps(
+        trainer.model_fn, state.ema_params, jax.random.key(args.seed), (args.trajectories,) + ds.shape,
+        schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, order=args.order,
+        n_candidates=args.candidates, refine_iters=args.refine_iters, return_info=True,
+    )
+    dpmjax.save_timesteps(args.out, ts, steps=args.steps, algorithm=args.algorithm, order=args.order,
+                          checkpoint=os.path.abspath(args.checkpoint))
+    starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
+    print(f"wrote {args.out}: {args.steps}-step grid for {args.algorithm} order {args.order} in "
+          f"{time.perf_counter() - t0:.1f}s; fitted error {info.get('fit_loss', float('nan')):.4f}"
+          + (f" (starting grids: {starts})" if starts else ""))
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
@@ -362,7 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         args = _build_parser().parse_args(argv)
-        return {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample}[args.command](args)
+        commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps}
+        return commands[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2

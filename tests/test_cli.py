@@ -6,7 +6,10 @@ import os
 import re
 import shutil
 
+import numpy as np
 import pytest
+
+import dpmjax
 
 from dpmjax.cli import main
 from dpmjax.train import read_losses
@@ -90,6 +93,25 @@ def test_sample_2d(capsys, moons_run, tmp_path):
     assert code == 2 and "steps must be >= order" in error_line(err)
     code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--class", "1", "--out", png)
     assert code == 2 and "class-conditional" in error_line(err)
+
+
+def test_fit_steps_then_sample_with_the_grid(capsys, moons_run, tmp_path):
+    grid = str(tmp_path / "grid.json")
+    code, out, _ = run(capsys, "fit-steps", "--checkpoint", moons_run, "--steps", "4", "--trajectories", "32",
+                       "--candidates", "12", "--refine-iters", "5", "--out", grid)
+    assert code == 0, out
+    ts = dpmjax.load_timesteps(grid)
+    assert ts.shape == (5,) and np.all(np.diff(ts) < 0)
+    # the fitted error is at most the best starting grid's (the fit keeps only improvements)
+    fitted = float(re.search(r"fitted error ([0-9.]+)", out).group(1))
+    starts = [float(v) for v in re.findall(r"(?:dp|logSNR|time_uniform|time_quadratic|karras) ([0-9.]+)", out)]
+    assert starts and fitted <= min(starts) + 1e-4
+    png = str(tmp_path / "fitted.png")
+    code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--num", "200", "--out", png)
+    assert code == 0 and "4 NFE, grid grid.json" in out and os.path.getsize(png) > 1000
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", str(tmp_path / "nope.json"),
+                       "--out", png)
+    assert code == 2 and "does not exist" in error_line(err)
 
 
 @pytest.mark.parametrize("damage", ["config", "arrays"])
