@@ -160,14 +160,16 @@ def fit_timesteps(
         schedule=schedule, model_type=model_type, t_start=t_start, t_end=t_end, noise=noise,
         condition=condition, unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
     )
+    defaults = _sampler._sample_defaults(
+        "thresholding", "thresholding_max_val", "dynamic_thresholding_ratio", "correcting_xt_fn",
+        "return_intermediate", "classifier_fn", "variant", "disable_corrector", "return_info", "timesteps",
+        "atol", "rtol", "h_init", "theta", "t_err", "max_nfe", "sharding",
+    )
     config = _sampler._configure(
         model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method="multistep",
         order=order, steps=steps, skip_type="logSNR", lower_order_final=lower_order_final,
-        denoise_to_zero=False, solver_type=solver_type, thresholding=False, thresholding_max_val=1.0,
-        dynamic_thresholding_ratio=0.995, correcting_xt_fn=None, return_intermediate=False,
-        condition=condition, unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
-        classifier_fn=None, variant="bh2", disable_corrector=(), return_info=False, timesteps=None,
-        atol=1.0, rtol=1.0, h_init=1.0, theta=1.0, t_err=1.0, max_nfe=None, sharding=None,
+        denoise_to_zero=False, solver_type=solver_type, condition=condition,
+        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale, **defaults,
     )
     ts0, ts1 = _sampler._resolve_times(schedule, t_start, t_end)
 

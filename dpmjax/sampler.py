@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import numbers
 from typing import Any, Callable, Optional
 
@@ -411,12 +412,11 @@ def invert(
     for k in ("noise", "key", "shape", "sharding"):
         if k in kwargs:
             raise TypeError(f"invert() got an unexpected keyword argument {k!r}")
-    sig = dict(
-        model_type="noise", lower_order_final=True, denoise_to_zero=False, solver_type="dpmsolver",
-        thresholding=False, thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995,
-        correcting_xt_fn=None, return_intermediate=False, condition=None, unconditional_condition=None,
-        guidance_scale=1.0, classifier_fn=None, variant="bh2", disable_corrector=(), return_info=False,
-        timesteps=None, atol=0.0078, rtol=0.05, h_init=0.05, theta=0.9, t_err=1e-5, max_nfe=None,
+    sig = _sample_defaults(
+        "model_type", "lower_order_final", "denoise_to_zero", "solver_type", "thresholding",
+        "thresholding_max_val", "dynamic_thresholding_ratio", "correcting_xt_fn", "return_intermediate",
+        "condition", "unconditional_condition", "guidance_scale", "classifier_fn", "variant",
+        "disable_corrector", "return_info", "timesteps", "atol", "rtol", "h_init", "theta", "t_err", "max_nfe",
     )
     unknown = set(kwargs) - set(sig)
     if unknown:
@@ -440,6 +440,13 @@ def invert(
         np.asarray(lo, dtype), np.asarray(hi, dtype),
         None if timesteps is None else _host_scalar(timesteps, dtype),
     )
+
+
+def _sample_defaults(*names):
+    """``sample``'s keyword defaults for ``names`` (one source of truth for ``invert`` and
+    ``fit_timesteps``, which configure the same solvers)."""
+    params = inspect.signature(sample).parameters
+    return {n: params[n].default for n in names}
 
 
 def add_noise(schedule: NoiseSchedule, x0, t, key):
@@ -675,9 +682,10 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
         y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end)
         info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
         if states is not None:
-            scales = jnp.concatenate([t_start[None], plan.t_state[np.flatnonzero(plan.step_end)]])
             if config.method == "unipc":
                 scales = jnp.concatenate([plan.t_state, t_end[None]])
+            else:
+                scales = jnp.concatenate([t_start[None], plan.t_state[np.flatnonzero(plan.step_end)]])
             scales = jnp.asarray(schedule.state_scale(scales), dtype)
             states = states / jnp.reshape(scales, jnp.shape(scales) + (1,) * len(config.shape))
     if config.denoise_to_zero:
