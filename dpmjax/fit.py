@@ -23,6 +23,7 @@ UniPC; it is fitted for the multistep update of the given order).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Optional
@@ -39,6 +40,7 @@ from . import updates as _up
 __all__ = ["fit_timesteps", "save_timesteps", "load_timesteps"]
 
 
+@functools.partial(jax.jit, static_argnames=("order", "predict_data", "solver_type"))
 def _one_step_errors(G, la, ls, order, *, predict_data, solver_type):
     """RMS one-step errors of the order-``order`` multistep update between candidates.
 
@@ -107,8 +109,10 @@ def fit_timesteps(
     schedule,
     steps: int,
     algorithm: str = "dpmsolver++",
+    method: str = "multistep",
     order: int = 2,
     solver_type: str = "dpmsolver",
+    variant: str = "bh2",
     lower_order_final: bool = True,
     model_type: str = "noise",
     t_start: Optional[float] = None,
@@ -123,19 +127,23 @@ def fit_timesteps(
     refine_lr: float = 0.05,
     return_info: bool = False,
 ):
-    """Fit a ``steps``-step time grid to a model for the multistep solver of ``order``.
+    """Fit a ``steps``-step time grid to a model for one multistep or UniPC solver.
 
     Args:
       model_fn, params, schedule, model_type, algorithm ("dpmsolver++"/"dpmsolver"),
-        order, solver_type, lower_order_final, t_start, t_end, condition,
-        unconditional_condition, guidance_scale: as in :func:`dpmjax.sample`; the grid
-        is fitted for this solver configuration.
+        method ("multistep"/"unipc"), order, solver_type, variant, lower_order_final,
+        t_start, t_end, condition, unconditional_condition, guidance_scale: as in
+        :func:`dpmjax.sample`; the grid is fitted for this solver configuration (the
+        dynamic program always uses the multistep update of ``order``; for UniPC its grid
+        is one of the starting points of the refinement).
       key, shape: the reference trajectories start from ``x_T`` drawn from ``key`` with
         ``shape = (n_trajectories, ...)`` (or from ``noise``).
       steps: NFE of the grid to fit (``steps + 1`` points).
       n_candidates: number of intervals of the candidate grid (uniform in lambda).
       fine_steps: reference solver steps (order-3 multistep, a multiple of
         ``n_candidates``; default ``8 n_candidates``).
+      refine_iters, refine_lr: Adam iterations and learning rate of the refinement of
+        the global error (0 iterations: return the dynamic program's grid).
 
     Returns:
       A strictly decreasing array of ``steps + 1`` times from ``t_start`` to ``t_end``
@@ -149,6 +157,8 @@ def fit_timesteps(
     """
     if algorithm not in ("dpmsolver++", "dpmsolver"):
         raise ValueError(f"algorithm must be 'dpmsolver++' or 'dpmsolver' for fit_timesteps; got {algorithm!r}")
+    if method not in ("multistep", "unipc"):
+        raise ValueError(f"method must be 'multistep' or 'unipc' for fit_timesteps; got {method!r}")
     n = _sampler._integer("n_candidates", n_candidates, 2)
     steps = _sampler._integer("steps", steps, 1)
     if steps > n:
@@ -162,13 +172,13 @@ def fit_timesteps(
     )
     defaults = _sampler._sample_defaults(
         "thresholding", "thresholding_max_val", "dynamic_thresholding_ratio", "correcting_xt_fn",
-        "return_intermediate", "classifier_fn", "variant", "disable_corrector", "return_info", "timesteps",
+        "return_intermediate", "classifier_fn", "disable_corrector", "return_info", "timesteps",
         "atol", "rtol", "h_init", "theta", "t_err", "max_nfe", "sharding",
     )
     config = _sampler._configure(
-        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method="multistep",
+        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method=method,
         order=order, steps=steps, skip_type="logSNR", lower_order_final=lower_order_final,
-        denoise_to_zero=False, solver_type=solver_type, condition=condition,
+        denoise_to_zero=False, solver_type=solver_type, variant=variant, condition=condition,
         unconditional_condition=unconditional_condition, guidance_scale=guidance_scale, **defaults,
     )
     ts0, ts1 = _sampler._resolve_times(schedule, t_start, t_end)
@@ -179,7 +189,7 @@ def fit_timesteps(
         steps=fine, skip_type="logSNR", return_intermediate=True, **common,
     )
     dtype = states.dtype
-    tau = _ts.time_grid(schedule, "logSNR", jnp.asarray(ts0, dtype), jnp.asarray(ts1, dtype), n)
+    tau = _grid(schedule, "logSNR", jnp.asarray(ts0, dtype), jnp.asarray(ts1, dtype), n)
     xs = states[:: fine // n]
     G, la, ls = _gram(config, model_fn, schedule, params, xs, tau, condition, unconditional_condition,
                       jnp.asarray(guidance_scale, dtype))
@@ -211,8 +221,8 @@ def fit_timesteps(
     x_start = states[0]
     lam0, lam1 = schedule.lambda_(tau[0]), schedule.lambda_(tau[-1])
     kw = dict(
-        schedule=schedule, model_type=model_type, algorithm=algorithm, method="multistep", order=order,
-        steps=steps, solver_type=solver_type, lower_order_final=lower_order_final, condition=condition,
+        schedule=schedule, model_type=model_type, algorithm=algorithm, method=method, order=order,
+        steps=steps, solver_type=solver_type, variant=variant, lower_order_final=lower_order_final, condition=condition,
         unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
     )
 
@@ -228,8 +238,8 @@ def fit_timesteps(
 
     loss_jit = jax.jit(loss_of_grid)
     starts = {"dp": dp_grid}
-    for sk in ("logSNR", "time_uniform", "time_quadratic", "karras"):
-        starts[sk] = _ts.time_grid(schedule, sk, tau[0], tau[-1], steps)
+    for sk in _ts.SKIP_TYPES:
+        starts[sk] = _grid(schedule, sk, tau[0], tau[-1], steps)
     start_losses = {name: float(loss_jit(g, params)) for name, g in starts.items()}
     best_name = min(start_losses, key=start_losses.get)
     g0 = starts[best_name]
@@ -257,6 +267,9 @@ def fit_timesteps(
     grid = grid_of(best_u) if best_loss < start_losses[best_name] else g0
     info.update(start_losses=start_losses, start=best_name, fit_loss=best_loss)
     return (grid, info) if return_info else grid
+
+
+_grid = jax.jit(_ts.time_grid, static_argnums=(1, 4))  # compiled once per (skip type, steps)
 
 
 def _gram_matrix(X, M):
