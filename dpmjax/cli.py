@@ -2,8 +2,10 @@
 
 ``dpmjax demo`` trains a small MLP on the two-moons data on the CPU (about a minute
 on two cores), then samples it with DPM-Solver++(2M), DPM-Solver-fast and DDIM at 10
-model evaluations and with a 200-evaluation DPM-Solver++ reference, printing the
-sliced Wasserstein distance of each to the data and writing a side-by-side picture.
+model evaluations, with DPM-Solver++(2M) at 6 evaluations on the logSNR grid and on a
+grid fitted to the trained model (``dpmjax.fit_timesteps``, on noise of its own), and
+with a 200-evaluation DPM-Solver++ reference, printing the sliced Wasserstein distance
+of each to the data and writing a side-by-side picture.
 
 Errors in the arguments, data sets or checkpoints end the program with exit status 2
 and a one-line message; an interrupted ``train`` (Ctrl-C) saves a checkpoint first and
@@ -77,7 +79,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DPM-Solver samplers in JAX: demo, training and sampling.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train a 2-D model on the CPU and compare samplers at 10 NFE")
+    demo = sub.add_parser("demo", help="train a 2-D model on the CPU and compare samplers at 10 and 6 NFE")
     demo.add_argument("--out", default=os.path.join("out", "demo"), help="output directory (default: out/demo)")
     demo.add_argument("--train-steps", type=_positive_int, default=5000, help="training steps (default: 5000)")
     demo.add_argument("--data", choices=[d for d in DATASETS if d != "digits"], default="moons",
@@ -87,6 +89,10 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=_positive_int, default=None, help="MLP width (default: 64)")
     demo.add_argument("--depth", type=_positive_int, default=None, help="MLP residual blocks (default: 3)")
     demo.add_argument("--batch-size", type=_positive_int, default=None)
+    demo.add_argument("--fit-trajectories", type=_positive_int, default=1024,
+                      help="reference trajectories of the fitted 6-NFE grid (default: 1024)")
+    demo.add_argument("--fit-refine-iters", type=_nonnegative_int, default=200,
+                      help="gradient refinement steps of the fitted grid (default: 200)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = sub.add_parser("train", help="train a network, with resumable checkpoints")
@@ -268,7 +274,7 @@ def _cmd_sample(args) -> int:
 # -- demo ---------------------------------------------------------------------------------
 
 DEMO_METHODS = (
-    # (label, sampler keyword arguments)
+    # (label, sampler keyword arguments); the last one is the reference of |x - x_ref|
     ("DPM-Solver++(2M)", dict(algorithm="dpmsolver++", method="multistep", order=2, steps=10, skip_type="logSNR")),
     ("DPM-Solver-fast", dict(algorithm="dpmsolver", method="singlestep", order=3, steps=10, skip_type="logSNR")),
     ("DDIM", dict(algorithm="dpmsolver", method="multistep", order=1, steps=10, skip_type="time_uniform")),
@@ -276,15 +282,28 @@ DEMO_METHODS = (
                                     skip_type="logSNR")),
 )
 
+# The fitted-grid comparison: one solver at few steps, on the logSNR grid and on a grid fitted to the model.
+DEMO_FIT_STEPS = 6
+DEMO_FIT_SOLVER = dict(algorithm="dpmsolver++", method="multistep", order=2)
+DEMO_FIT_LABELS = ("DPM-Solver++(2M) logSNR", "DPM-Solver++(2M) fitted")
+
 
 def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples: int = 4000, seed: int = 0,
              width: Optional[int] = None, depth: Optional[int] = None, batch_size: Optional[int] = None,
-             progress: bool = True, log=print) -> dict:
+             progress: bool = True, log=print, fit_trajectories: int = 1024, fit_candidates: int = 40,
+             fit_refine_iters: int = 200) -> dict:
     """Train (or resume) the demo model and compare the samplers; returns ``{label: result}``.
 
     Each result has ``nfe``, ``swd`` (sliced Wasserstein distance to fresh data samples),
     ``ref_err`` (mean distance to the 200-NFE reference sample from the same noise),
     ``seconds`` (one call after compilation) and ``compile_seconds``.
+
+    Besides the 10-NFE samplers of ``DEMO_METHODS``, DPM-Solver++(2M) runs at
+    ``DEMO_FIT_STEPS`` = 6 NFE on the logSNR grid and on a grid fitted with
+    :func:`dpmjax.fit_timesteps` to ``fit_trajectories`` reference trajectories from noise
+    of their own (not the evaluation noise); ``fit_candidates`` and ``fit_refine_iters``
+    are its ``n_candidates`` and ``refine_iters``. The fitted row also has
+    ``fit_seconds``, and the grid is saved to ``out/grid-6.json``.
     """
     import jax
     import jax.numpy as jnp
@@ -319,7 +338,8 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     data_other, _ = ds.sample(jax.random.key(seed + 3), samples)
     proj_key = jax.random.key(seed + 4)
     results, xs = {}, {}
-    for label, kw in DEMO_METHODS:
+
+    def evaluate(label, kw):
         t0 = time.perf_counter()
         x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, shape, schedule=trainer.schedule,
                                                 noise=noise, **kw))
@@ -329,9 +349,41 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
                                                 noise=noise, **kw))
         seconds = time.perf_counter() - t0
         xs[label] = x
-        results[label] = {"nfe": kw["steps"], "swd": float(sliced_wasserstein(x, data_ref, proj_key)),
-                          "seconds": seconds, "compile_seconds": compile_seconds}
-    x_ref = xs[DEMO_METHODS[-1][0]]
+        return {"nfe": kw["steps"], "swd": float(sliced_wasserstein(x, data_ref, proj_key)),
+                "seconds": seconds, "compile_seconds": compile_seconds}
+
+    for label, kw in DEMO_METHODS:
+        results[label] = evaluate(label, kw)
+
+    # A 6-NFE grid fitted to this model, on fitting noise independent of the evaluation noise.
+    steps = DEMO_FIT_STEPS
+    fit_noise = jax.random.normal(jax.random.key(seed + 5), (fit_trajectories,) + ds.shape)
+    t0 = time.perf_counter()
+    ts, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
+                                    steps=steps, noise=fit_noise, n_candidates=fit_candidates,
+                                    refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER)
+    ts = jax.block_until_ready(ts)
+    fit_seconds = time.perf_counter() - t0
+    grid_path = os.path.join(out, f"grid-{steps}.json")
+    dpmjax.save_timesteps(grid_path, ts, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed,
+                          checkpoint=os.path.abspath(run_dir), trajectories=fit_trajectories,
+                          n_candidates=fit_candidates, refine_iters=fit_refine_iters)
+    start_losses = info.get("start_losses", {})
+    errs = ""
+    if start_losses:
+        errs = (f"; RMS error to the fine solution on the fitting noise: logSNR {start_losses['logSNR']:.4f}, "
+                f"fitted {info['fit_loss']:.4f} (refined from the {info['start']} grid)")
+    log(f"fitted a {steps}-step grid in {fit_seconds:.1f}s ({fit_trajectories} trajectories of their own "
+        f"noise{errs}); saved to {grid_path}")
+    label_log, label_fit = DEMO_FIT_LABELS
+    results[label_log] = evaluate(label_log, dict(DEMO_FIT_SOLVER, steps=steps, skip_type="logSNR"))
+    results[label_fit] = evaluate(label_fit, dict(DEMO_FIT_SOLVER, steps=steps, timesteps=ts))
+    results[label_fit]["fit_seconds"] = fit_seconds
+    # table order: the 10-NFE samplers, the 6-NFE pair, the reference last
+    ref_label = DEMO_METHODS[-1][0]
+    results[ref_label] = results.pop(ref_label)
+
+    x_ref = xs[ref_label]
     for label in results:
         results[label]["ref_err"] = float(jnp.mean(jnp.linalg.norm(xs[label] - x_ref, axis=-1)))
     floor = float(sliced_wasserstein(data_other, data_ref, proj_key))
@@ -347,7 +399,8 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     panels = [(f"data ({data})", data_ref)]
     panels += [(f"{label}, {r['nfe']} NFE\nSWD {r['swd']:.3f}", xs[label]) for label, r in results.items()]
     png = os.path.join(out, "demo.png")
-    plots.scatter_panels(panels, png, suptitle=f"{data}: samplers at 10 model evaluations vs a 200-NFE reference")
+    plots.scatter_panels(panels, png, suptitle=f"{data}: samplers at 10 model evaluations, DPM-Solver++(2M) at "
+                                               f"{steps} on the logSNR and a fitted grid, and a 200-NFE reference")
     log(f"\nwrote {png}; total {time.perf_counter() - t_all:.1f}s")
     return results
 
@@ -357,7 +410,8 @@ def _cmd_demo(args) -> int:
 
     results = run_demo(args.out, train_steps=args.train_steps, data=args.data, samples=args.samples,
                        seed=args.seed, width=args.width, depth=args.depth, batch_size=args.batch_size,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, fit_trajectories=args.fit_trajectories,
+                       fit_refine_iters=args.fit_refine_iters)
     if not all(_math.isfinite(r["swd"]) for r in results.values()):
         raise RuntimeError("a sampler produced non-finite samples")
     return 0
