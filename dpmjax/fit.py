@@ -15,10 +15,20 @@ geometry-inspired time scheduling (GITS, Chen et al. 2024, arXiv:2405.11326), we
 3. choose the ``steps``-edge path from ``tau_0`` to ``tau_n`` that minimises the
    accumulated one-step error, by dynamic programming whose state is the last
    ``order`` grid indices (the solver's history), with the solver's own per-step
-   orders (warm-up, ``lower_order_final``).
+   orders (warm-up, ``lower_order_final``);
+4. refine by gradient descent (Adam) on the *global* error, the RMS distance between the
+   solver's end points and the reference end points over the fitting trajectories
+   (LD3, Tong et al. 2025, arXiv:2405.15506), differentiating through the compiled
+   sampler; it starts from the best of the DP grid and the fixed grids and keeps a grid
+   only if it lowers that error.
 
-The result is a grid for :func:`dpmjax.sample`'s ``timesteps=`` argument (multistep or
-UniPC; it is fitted for the multistep update of the given order).
+Step 4 matters on multimodal data: the one-step errors of step 3 are measured from the
+reference states (teacher forcing), but early errors decide which mode a sample reaches,
+so the accumulated local error is a poor proxy for the global error there (the benchmark
+``benchmarks/fitted_grids.py`` reports both).
+
+The result is a grid for :func:`dpmjax.sample`'s ``timesteps=`` argument, fitted for
+the multistep or UniPC solver named by ``method``.
 """
 
 from __future__ import annotations
