@@ -365,6 +365,10 @@ def report(results, nfes, args, wall):
         lines += ["Geometric mean over the problems:", ""] + table(res, nfes, None) + [""]
         for j, prob in enumerate(res["problems"]):
             lines += [f"### {res['schedule']}: {prob}", ""] + table(res, nfes, j) + [""]
+    fitted = os.path.join(args.out, "fitted_grids.md")  # written by fitted_grids.py; kept in this report
+    if os.path.exists(fitted):
+        with open(fitted) as f:
+            lines += ["<!-- FITTED BEGIN -->", f.read().rstrip("\n"), "<!-- FITTED END -->", ""]
     lines += ["## Log", ""] + [f"    {l}" for res in results for l in res["log"]] + [""]
     return lines
 

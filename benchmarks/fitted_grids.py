@@ -37,13 +37,16 @@ sys.path.insert(0, os.path.dirname(__file__))
 SOLVERS = [
     ("DPM-Solver++(2M)", dict(algorithm="dpmsolver++", method="multistep", order=2)),
     ("UniPC-bh2 order 2", dict(algorithm="dpmsolver++", method="unipc", order=2, variant="bh2")),
+    ("UniPC-bh2 order 3", dict(algorithm="dpmsolver++", method="unipc", order=3, variant="bh2")),
+    ("DPM-Solver++(3M)", dict(algorithm="dpmsolver++", method="multistep", order=3)),
 ]
+DEFAULT_SOLVERS = "0,1"
 NFES = (5, 6, 8, 10)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 BEGIN, END = "<!-- FITTED BEGIN -->", "<!-- FITTED END -->"
 
 
-def run(problems_idx, nfes, n_fit, n_eval, refine_iters):
+def run(problems_idx, solvers, nfes, n_fit, n_eval, refine_iters):
     import jax
     import jax.numpy as jnp
 
@@ -62,7 +65,7 @@ def run(problems_idx, nfes, n_fit, n_eval, refine_iters):
             x_eval = jax.random.normal(jax.random.key(2), (n_eval, gm.dim), jnp.float64)
             x_ref = dpmjax.sample(model_fn, gm, None, x_eval.shape, schedule=schedule, noise=x_eval, steps=1000,
                                   order=3, skip_type="logSNR")
-        for label, kw in SOLVERS:
+        for label, kw in solvers:
             for nfe in nfes:
                 t0 = time.perf_counter()
                 ts, info = dpmjax.fit_timesteps(model_fn, gm, None, x_fit.shape, noise=x_fit, schedule=schedule,
@@ -113,6 +116,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--problems", default="0,1,2", help="indices into accuracy.make_problems (default 0,1,2)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
+    p.add_argument("--solvers", default=DEFAULT_SOLVERS,
+                   help="indices into SOLVERS: " + ", ".join(f"{i} {l}" for i, (l, _) in enumerate(SOLVERS))
+                   + f" (default {DEFAULT_SOLVERS})")
     p.add_argument("--fit", type=int, default=4096, help="fitting trajectories (default 4096)")
     p.add_argument("--eval", type=int, default=16384, help="fresh evaluation samples (default 16384)")
     p.add_argument("--refine-iters", type=int, default=300)
@@ -121,13 +127,14 @@ def main(argv=None):
     import jax
 
     t0 = time.perf_counter()
-    rows = run([int(i) for i in args.problems.split(",")], [int(n) for n in args.nfes.split(",")],
+    rows = run([int(i) for i in args.problems.split(",")], [SOLVERS[int(i)] for i in args.solvers.split(",")],
+               [int(n) for n in args.nfes.split(",")],
                args.fit, args.eval, args.refine_iters)
     wall = time.perf_counter() - t0
     backend = f"Backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
     text = "\n".join(table(rows, args, wall, backend)) + "\n"
     print(text)
-    partial = args.problems != "0,1,2" or args.nfes != ",".join(map(str, NFES))
+    partial = args.problems != "0,1,2" or args.nfes != ",".join(map(str, NFES)) or args.solvers != DEFAULT_SOLVERS
     stem = os.path.join(args.out, "fitted_grids" + ("_partial" if partial else ""))
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:

@@ -133,9 +133,11 @@ def _build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit-steps", help="fit a time grid to a trained 2-D model (dpmjax.fit_timesteps)")
     fit.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train`")
     fit.add_argument("--algorithm", choices=("dpmsolver++", "dpmsolver"), default="dpmsolver++")
+    fit.add_argument("--method", choices=("multistep", "unipc"), default="multistep",
+                     help="solver the grid is fitted for (default: multistep); sample with the same one")
     fit.add_argument("--order", type=int, choices=(1, 2, 3), default=2)
     fit.add_argument("--steps", type=_positive_int, default=6, help="model evaluations (NFE) of the grid")
-    fit.add_argument("--trajectories", type=_positive_int, default=128, help="reference trajectories (default: 128)")
+    fit.add_argument("--trajectories", type=_positive_int, default=1024, help="reference trajectories (default: 1024)")
     fit.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid intervals (default: 40)")
     fit.add_argument("--refine-iters", type=_nonnegative_int, default=200, help="gradient refinement steps")
     fit.add_argument("--seed", type=_nonnegative_int, default=0)
@@ -437,13 +439,13 @@ def _cmd_fit_steps(args) -> int:
     t0 = time.perf_counter()
     ts, info = dpmjax.fit_timesteps(
         trainer.model_fn, state.ema_params, jax.random.key(args.seed), (args.trajectories,) + ds.shape,
-        schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, order=args.order,
-        n_candidates=args.candidates, refine_iters=args.refine_iters, return_info=True,
+        schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, method=args.method,
+        order=args.order, n_candidates=args.candidates, refine_iters=args.refine_iters, return_info=True,
     )
-    dpmjax.save_timesteps(args.out, ts, steps=args.steps, algorithm=args.algorithm, order=args.order,
-                          checkpoint=os.path.abspath(args.checkpoint))
+    dpmjax.save_timesteps(args.out, ts, steps=args.steps, algorithm=args.algorithm, method=args.method,
+                          order=args.order, checkpoint=os.path.abspath(args.checkpoint))
     starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
-    print(f"wrote {args.out}: {args.steps}-step grid for {args.algorithm} order {args.order} in "
+    print(f"wrote {args.out}: {args.steps}-step grid for {args.algorithm} {args.method} order {args.order} in "
           f"{time.perf_counter() - t0:.1f}s; fitted error {info.get('fit_loss', float('nan')):.4f}"
           + (f" (starting grids: {starts})" if starts else ""))
     return 0

@@ -99,17 +99,20 @@ def test_sample_2d(capsys, moons_run, tmp_path):
 
 def test_fit_steps_then_sample_with_the_grid(capsys, moons_run, tmp_path):
     grid = str(tmp_path / "grid.json")
+    # fitted for UniPC here (the demo test covers the multistep default)
     code, out, _ = run(capsys, "fit-steps", "--checkpoint", moons_run, "--steps", "4", "--trajectories", "32",
-                       "--candidates", "12", "--refine-iters", "5", "--out", grid)
+                       "--candidates", "12", "--refine-iters", "5", "--method", "unipc", "--out", grid)
     assert code == 0, out
     ts = dpmjax.load_timesteps(grid)
     assert ts.shape == (5,) and np.all(np.diff(ts) < 0)
     # the fitted error is at most the best starting grid's (the fit keeps only improvements)
     fitted = float(re.search(r"fitted error ([0-9.]+)", out).group(1))
-    starts = [float(v) for v in re.findall(r"(?:dp|logSNR|time_uniform|time_quadratic|karras) ([0-9.]+)", out)]
+    starts = [float(v) for v in re.findall(r"(?:dp|logSNR|time_uniform|time_quadratic|karras|edm) ([0-9.]+)", out)]
     assert starts and fitted <= min(starts) + 1e-4
     png = str(tmp_path / "fitted.png")
-    code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--num", "200", "--out", png)
+    assert "unipc order 2" in out and json.load(open(grid))["method"] == "unipc"
+    code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--method", "unipc",
+                       "--num", "200", "--out", png)
     assert code == 0 and "4 NFE, grid grid.json" in out and os.path.getsize(png) > 1000
     code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", str(tmp_path / "nope.json"),
                        "--out", png)
