@@ -367,8 +367,10 @@ def report(results, nfes, args, wall):
             lines += [f"### {res['schedule']}: {prob}", ""] + table(res, nfes, j) + [""]
     fitted = os.path.join(args.out, "fitted_grids.md")  # written by fitted_grids.py; kept in this report
     if os.path.exists(fitted):
+        from fitted_grids import BEGIN, END  # the markers fitted_grids.py rewrites between
+
         with open(fitted) as f:
-            lines += ["<!-- FITTED BEGIN -->", f.read().rstrip("\n"), "<!-- FITTED END -->", ""]
+            lines += [BEGIN, f.read().rstrip("\n"), END, ""]
     lines += ["## Log", ""] + [f"    {l}" for res in results for l in res["log"]] + [""]
     return lines
 

@@ -134,7 +134,7 @@ def main(argv=None):
     backend = f"Backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
     text = "\n".join(table(rows, args, wall, backend)) + "\n"
     print(text)
-    partial = args.problems != "0,1,2" or args.nfes != ",".join(map(str, NFES)) or args.solvers != DEFAULT_SOLVERS
+    partial = any(getattr(args, k) != p.get_default(k) for k in ("problems", "nfes", "solvers"))
     stem = os.path.join(args.out, "fitted_grids" + ("_partial" if partial else ""))
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:

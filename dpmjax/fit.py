@@ -49,6 +49,8 @@ from . import updates as _up
 
 __all__ = ["fit_timesteps", "save_timesteps", "load_timesteps"]
 
+_grid = jax.jit(_ts.time_grid, static_argnums=(1, 4))  # compiled once per (skip type, steps)
+
 
 @functools.partial(jax.jit, static_argnames=("order", "predict_data", "solver_type"))
 def _one_step_errors(G, la, ls, order, *, predict_data, solver_type):
@@ -277,9 +279,6 @@ def fit_timesteps(
     grid = grid_of(best_u) if best_loss < start_losses[best_name] else g0
     info.update(start_losses=start_losses, start=best_name, fit_loss=best_loss)
     return (grid, info) if return_info else grid
-
-
-_grid = jax.jit(_ts.time_grid, static_argnums=(1, 4))  # compiled once per (skip type, steps)
 
 
 def _gram_matrix(X, M):
