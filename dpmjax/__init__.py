@@ -8,7 +8,7 @@ from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
-from .timesteps import SKIP_TYPES, time_grid
+from .timesteps import SKIP_TYPES, FittedGrid, time_grid
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,7 @@ __all__ = [
     "UNIPC_VARIANTS",
     "GaussianMixture",
     "EDM",
+    "FittedGrid",
     "NoiseSchedule",
     "RectifiedFlow",
     "VPCosine",

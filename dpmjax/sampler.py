@@ -123,6 +123,21 @@ def _check_timesteps(timesteps, schedule, steps, increasing=False):
         raise ValueError(f"timesteps must lie in (0, schedule.T = {schedule.T}]; got min {ts.min()}, max {ts.max()}")
 
 
+def _check_model_timesteps(model_ts, schedule, config):
+    """Validate ``model_timesteps`` (concrete values only; traced ones are checked for shape)."""
+    if config.method not in ("multistep", "unipc"):
+        raise ValueError(f"model_timesteps is supported for method='multistep' and 'unipc'; got method={config.method!r}")
+    shape = tuple(jnp.shape(model_ts))
+    if shape != (config.steps,):
+        raise ValueError(f"model_timesteps must have shape (steps,) = ({config.steps},), one time per model "
+                         f"evaluation; got {shape}")
+    if isinstance(model_ts, jax.core.Tracer):
+        return
+    ts = np.asarray(model_ts, dtype=np.float64)
+    if not (np.all(np.isfinite(ts)) and ts.min() > 0 and ts.max() <= schedule.T):
+        raise ValueError(f"model_timesteps must be finite and lie in (0, schedule.T = {schedule.T}]; got {ts}")
+
+
 
 _DEFAULT_MAX_NFE = 10_000
 
@@ -259,6 +274,7 @@ def sample(
     variant: str = "bh2",
     disable_corrector=(),
     timesteps: Optional[jax.Array] = None,
+    model_timesteps: Optional[jax.Array] = None,
     atol: float = 0.0078,
     rtol: float = 0.05,
     h_init: float = 0.05,
@@ -319,7 +335,12 @@ def sample(
       variant: UniPC's ``"bh1"`` or ``"bh2"``.
       disable_corrector: UniPC steps (1-based) whose corrector is skipped.
       timesteps: a strictly decreasing grid of ``steps + 1`` times in ``(0, T]`` replacing
-        the built-in one (multistep and UniPC); traced, so new values never recompile.
+        the built-in one (multistep and UniPC), or a :class:`dpmjax.FittedGrid` (what
+        :func:`dpmjax.fit_timesteps` returns); traced, so new values never recompile.
+      model_timesteps: optional ``steps`` times in ``(0, T]`` (solver time) given to the
+        network at each evaluation instead of the step's own time (multistep and UniPC;
+        Xia et al. 2024, arXiv:2310.09469). The update formulas keep the grid's times, and
+        the ``denoise_to_zero`` evaluation keeps ``t_end``. Traced, like ``timesteps``.
       return_info: also return a dict with ``"nfe"`` (and, for ``method="adaptive"``,
         ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"t_final"``).
       sharding: a :class:`jax.sharding.Sharding` for ``x_T`` and the result (e.g. a
@@ -349,8 +370,15 @@ def sample(
         theta=theta, t_err=t_err, max_nfe=max_nfe, sharding=sharding,
     )
     t_start, t_end = _resolve_times(schedule, t_start, t_end)
+    if isinstance(timesteps, _ts.FittedGrid):
+        if timesteps.model_timesteps is not None and model_timesteps is not None:
+            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
+        timesteps, model_timesteps = timesteps.timesteps, (
+            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
     if timesteps is not None:
         _check_timesteps(timesteps, schedule, config.steps)
+    if model_timesteps is not None:
+        _check_model_timesteps(model_timesteps, schedule, config)
     if noise is None:
         if key is None:
             raise ValueError("key must be a PRNG key when noise is None")
@@ -367,6 +395,7 @@ def sample(
         condition, unconditional_condition, _host_scalar(guidance_scale, dtype),
         np.asarray(t_start, dtype), np.asarray(t_end, dtype),
         None if timesteps is None else _host_scalar(timesteps, dtype),
+        None if model_timesteps is None else _host_scalar(model_timesteps, dtype),
     )
 
 
@@ -431,6 +460,9 @@ def invert(
     hi = schedule.T if t_end is None else _real("t_end", t_end)
     _resolve_times(schedule, hi, lo)  # same rules with the roles swapped: 0 < lo < hi <= T
     timesteps = sig["timesteps"]
+    if isinstance(timesteps, _ts.FittedGrid):
+        raise ValueError("invert takes timesteps as a plain increasing array, not a FittedGrid "
+                         "(its model_timesteps belong to the sampling direction)")
     if timesteps is not None:
         _check_timesteps(timesteps, schedule, config.steps, increasing=True)
     dtype = jnp.result_type(float)
@@ -438,7 +470,7 @@ def invert(
         config, model_fn, sig["classifier_fn"], sig["correcting_xt_fn"], None, schedule, params, None, x0,
         sig["condition"], sig["unconditional_condition"], _host_scalar(sig["guidance_scale"], dtype),
         np.asarray(lo, dtype), np.asarray(hi, dtype),
-        None if timesteps is None else _host_scalar(timesteps, dtype),
+        None if timesteps is None else _host_scalar(timesteps, dtype), None,
     )
 
 
@@ -564,8 +596,10 @@ def _combine(coefs, hist):
     return out
 
 
-def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end):
+def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end, model_ts=None):
     """The fixed-step driver: one ``lax.scan`` over model evaluations (see dpmjax.updates).
+
+    ``model_ts`` (optional, one per evaluation) replaces the network's time input only.
 
     Multistep carries ``(x, hist)`` (its evaluation point is ``x``: a separate ``y`` would
     cost a copy of the state per step); singlestep and UniPC carry ``(x, y, hist)``.
@@ -599,9 +633,12 @@ def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end):
         return (x_new, y_new, hist), out
 
     n = plan.t_eval.shape[0]
+    pre = _per_step(schedule, plan.t_eval)
+    if model_ts is not None:
+        pre = (schedule.model_time(model_ts),) + pre[1:]
     inputs = {
         "t_eval": plan.t_eval,
-        "pre": _per_step(schedule, plan.t_eval),
+        "pre": pre,
         "slot": plan.slot,
         "ax": plan.ax,
         "cx": plan.cx,
@@ -640,7 +677,7 @@ def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
-                condition, uncond, scale, t_start, t_end, timesteps):
+                condition, uncond, scale, t_start, t_end, timesteps, model_timesteps):
     dtype = jnp.result_type(float)
     scale = jnp.asarray(scale, dtype)
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
@@ -679,7 +716,9 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
         user_scale_end = schedule.state_scale(info["t_final"])
     else:
         plan = _plan(config, schedule, t_start, t_end, timesteps)
-        y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end)
+        if model_timesteps is not None:
+            model_timesteps = jnp.asarray(model_timesteps, dtype)
+        y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end, model_timesteps)
         info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
         if states is not None:
             if config.method == "unipc":

@@ -7,9 +7,12 @@ Order plans are static Python tuples: they decide the structure of the program.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, Optional
+
 import jax.numpy as jnp
 
 __all__ = [
+    "FittedGrid",
     "SKIP_TYPES",
     "time_grid",
     "multistep_orders",
@@ -21,6 +24,21 @@ SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic", "karras", "edm")
 
 #: exponent of the Karras et al. (2022) grid
 KARRAS_RHO = 7.0
+
+
+class FittedGrid(NamedTuple):
+    """A grid for :func:`dpmjax.sample`'s ``timesteps=`` (what :func:`dpmjax.fit_timesteps`
+    returns; a pytree, so it can be traced).
+
+    * ``timesteps``: the solver's ``steps + 1`` strictly decreasing times;
+    * ``model_timesteps``: ``None``, or the ``steps`` times fed to the network at each
+      evaluation in place of the step's own time (solver time, in ``(0, T]``; the time-step
+      tuner of Xia et al. 2024, arXiv:2310.09469). The solver's formulas still use
+      ``timesteps``.
+    """
+
+    timesteps: Any
+    model_timesteps: Optional[Any] = None
 
 
 def time_grid(schedule, skip_type: str, t_start, t_end, n: int):

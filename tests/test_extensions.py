@@ -565,7 +565,65 @@ def test_invalid_timesteps_raise(ts, match):
     assert match in str(e.value)
 
 
+# Decoupled network times (model_timesteps, Xia et al. 2024): a lookup model as the oracle.
+_TS10 = np.asarray(dpmjax.time_grid(VP, "logSNR", VP.T, VP.t_eps, 10))
+_MTS10 = np.clip(_TS10[:-1] * np.linspace(0.8, 1.2, 10), VP.t_eps, VP.T)  # shifted both ways
+
+
+def _model_at_table(params, x, t):
+    """MF evaluated at _MTS10[i] where t is grid time _TS10[i]: what model_timesteps must do."""
+    i = jnp.argmin(jnp.abs(jnp.asarray(_TS10[:-1])[:, None] - t[None]), axis=0)
+    return MF(params, x, jnp.asarray(_MTS10)[i])
+
+
+@pytest.mark.parametrize("method", ["multistep", "unipc"])
+def test_model_timesteps_change_the_network_input_only(method):
+    kw = dict(order=2, steps=10, method=method, timesteps=jnp.asarray(_TS10))
+    shifted = run(model_timesteps=jnp.asarray(_MTS10), **kw)
+    oracle = run(model_fn=_model_at_table, **kw)
+    np.testing.assert_allclose(np.asarray(shifted), np.asarray(oracle), rtol=1e-6, atol=1e-6)
+    plain = run(**kw)
+    assert rms(np.asarray(shifted) - np.asarray(plain)) > 1e-3  # the shift is really applied
+    # the grid's own times as model times reproduce the plain sampler; a FittedGrid carries both
+    same = run(model_timesteps=jnp.asarray(_TS10[:-1]), **kw)
+    np.testing.assert_allclose(np.asarray(same), np.asarray(plain), rtol=1e-6, atol=1e-6)
+    kw.pop("timesteps")
+    packed = run(timesteps=dpmjax.FittedGrid(jnp.asarray(_TS10), jnp.asarray(_MTS10)), **kw)
+    np.testing.assert_allclose(np.asarray(packed), np.asarray(shifted), rtol=1e-6, atol=1e-6)
+
+
+def test_new_model_timesteps_do_not_recompile():
+    kw = dict(order=2, steps=10, timesteps=jnp.asarray(_TS10))
+    run(model_timesteps=jnp.asarray(_MTS10), **kw)
+    cache_size = getattr(_sampler._sample_jit, "_cache_size", None)
+    if cache_size is None:
+        pytest.skip("this jax has no jit cache size")
+    n0 = cache_size()
+    run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw)
+    assert cache_size() == n0, "new model_timesteps values recompiled"
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(model_timesteps=_MTS10[:-1]), "shape"),
+        (dict(model_timesteps=np.where(np.arange(10) == 3, 1.5, _MTS10)), "lie in"),
+        (dict(model_timesteps=np.where(np.arange(10) == 3, 0.0, _MTS10)), "lie in"),
+        (dict(model_timesteps=np.where(np.arange(10) == 3, np.nan, _MTS10)), "finite"),
+        (dict(model_timesteps=_MTS10, method="singlestep"), "multistep"),
+        (dict(model_timesteps=_MTS10, timesteps=dpmjax.FittedGrid(_TS10, _MTS10)), "twice"),
+    ],
+)
+def test_invalid_model_timesteps_raise(kw, match):
+    kw = dict(dict(order=2, steps=10), **kw)
+    with pytest.raises(ValueError, match="model_timesteps") as e:
+        run(**kw)
+    assert match in str(e.value)
+
+
 def test_invert_timesteps_must_increase():
     ts = np.asarray(dpmjax.time_grid(VP, "logSNR", VP.T, VP.t_eps, 10))
     with pytest.raises(ValueError, match="timesteps"):
         dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=jnp.asarray(ts))
+    with pytest.raises(ValueError, match="FittedGrid"):
+        dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=dpmjax.FittedGrid(ts[::-1], None))
