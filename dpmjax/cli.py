@@ -140,6 +140,8 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--trajectories", type=_positive_int, default=1024, help="reference trajectories (default: 1024)")
     fit.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid intervals (default: 40)")
     fit.add_argument("--refine-iters", type=_nonnegative_int, default=200, help="gradient refinement steps")
+    fit.add_argument("--grid-only", action="store_true",
+                     help="fit only the solver's grid, not the network's time input at each step")
     fit.add_argument("--seed", type=_nonnegative_int, default=0)
     fit.add_argument("--out", default="timesteps.json", help="grid file to write (default: timesteps.json)")
     return parser
@@ -228,9 +230,10 @@ def _cmd_sample(args) -> int:
                   steps=args.steps, skip_type=args.skip_type)
     label = f"{args.algorithm} {args.method} order {args.order}, {args.steps} NFE, {args.skip_type}"
     if args.timesteps is not None:
-        ts = dpmjax.load_timesteps(args.timesteps)
-        kwargs.update(steps=len(ts) - 1, timesteps=ts)
-        label = f"{args.algorithm} {args.method} order {args.order}, {len(ts) - 1} NFE, grid {os.path.basename(args.timesteps)}"
+        grid = dpmjax.load_timesteps(args.timesteps)
+        n = len(grid.timesteps) - 1
+        kwargs.update(steps=n, timesteps=grid)
+        label = f"{args.algorithm} {args.method} order {args.order}, {n} NFE, grid {os.path.basename(args.timesteps)}"
 
     if ds.num_classes == 0:
         if args.class_ is not None or args.guidance_scale is not None:
@@ -440,7 +443,8 @@ def _cmd_fit_steps(args) -> int:
     ts, info = dpmjax.fit_timesteps(
         trainer.model_fn, state.ema_params, jax.random.key(args.seed), (args.trajectories,) + ds.shape,
         schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, method=args.method,
-        order=args.order, n_candidates=args.candidates, refine_iters=args.refine_iters, return_info=True,
+        order=args.order, n_candidates=args.candidates, refine_iters=args.refine_iters,
+        model_times=not args.grid_only, return_info=True,
     )
     dpmjax.save_timesteps(args.out, ts, steps=args.steps, algorithm=args.algorithm, method=args.method,
                           order=args.order, checkpoint=os.path.abspath(args.checkpoint))

@@ -104,7 +104,8 @@ def test_fit_steps_then_sample_with_the_grid(capsys, moons_run, tmp_path):
                        "--candidates", "12", "--refine-iters", "5", "--method", "unipc", "--out", grid)
     assert code == 0, out
     ts = dpmjax.load_timesteps(grid)
-    assert ts.shape == (5,) and np.all(np.diff(ts) < 0)
+    assert ts.timesteps.shape == (5,) and np.all(np.diff(ts.timesteps) < 0)
+    assert ts.model_timesteps.shape == (4,)  # network times fitted too (the default)
     # the fitted error is at most the best starting grid's (the fit keeps only improvements)
     fitted = float(re.search(r"fitted error ([0-9.]+)", out).group(1))
     starts = [float(v) for v in re.findall(r"(?:dp|logSNR|time_uniform|time_quadratic|karras|edm) ([0-9.]+)", out)]
@@ -187,5 +188,5 @@ def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path):
     assert fit6["ref_err"] < 0.8 * log6["ref_err"], out
     assert re.search(r"fitted a 6-step grid in [0-9.]+s", out), out
     ts = dpmjax.load_timesteps(os.path.join(out_dir, "grid-6.json"))
-    assert ts.shape == (7,) and np.all(np.diff(ts) < 0)
+    assert ts.timesteps.shape == (7,) and np.all(np.diff(ts.timesteps) < 0) and ts.model_timesteps.shape == (6,)
     assert os.path.getsize(os.path.join(out_dir, "demo.png")) > 10_000

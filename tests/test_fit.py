@@ -42,30 +42,47 @@ def test_dynamic_program_order2_uses_history():
     assert path == [0, 2, 3] and cost == pytest.approx(2.0)
 
 
+def _fit(model_times):
+    xT_fit = jax.random.normal(jax.random.key(1), (64, 2))
+    return dpmjax.fit_timesteps(
+        MODEL, GM, None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
+        n_candidates=16, fine_steps=128, refine_iters=40, model_times=model_times, return_info=True,
+    )
+
+
 @pytest.fixture(scope="module")
 def fitted():
-    xT_fit = jax.random.normal(jax.random.key(1), (64, 2))
-    ts, info = dpmjax.fit_timesteps(
-        MODEL, GM, None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
-        n_candidates=16, fine_steps=128, refine_iters=40, return_info=True,
-    )
-    return ts, info
+    """Grid and network times (the default)."""
+    return _fit(True)
 
 
-def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(fitted):
-    ts, info = fitted
-    ts = np.asarray(ts)
+@pytest.fixture(scope="module")
+def fitted_grid_only():
+    return _fit(False)
+
+
+@pytest.mark.parametrize("which", ["fitted", "fitted_grid_only"])
+def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
+    grid, info = request.getfixturevalue(which)
+    assert isinstance(grid, dpmjax.FittedGrid)
+    ts = np.asarray(grid.timesteps)
     assert ts.shape == (STEPS + 1,)
     assert ts[0] == pytest.approx(SCHED.T) and ts[-1] == pytest.approx(SCHED.t_eps)
     assert np.all(np.diff(ts) < 0)
+    if which == "fitted":  # one network time per evaluation, inside the sampling interval
+        mts = np.asarray(grid.model_timesteps)
+        assert mts.shape == (STEPS,) and np.all((mts >= ts[-1] - 1e-7) & (mts <= ts[0] + 1e-7))
+        assert np.abs(mts - ts[:-1]).max() > 1e-4  # they were fitted, not left at the grid's times
+    else:
+        assert grid.model_timesteps is None
     # The refinement starts from the best of the DP grid and the fixed grids and keeps
     # only improvements: the fitted loss is at most the best start's.
     assert info["fit_loss"] <= min(info["start_losses"].values()) + 1e-7
 
 
-def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted):
+def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted, fitted_grid_only):
     # Exact error against the closed-form ODE solution, on starting noises the fit never saw.
-    ts, info = fitted
+    grid, info = fitted
     xT = jax.random.normal(jax.random.key(7), (256, 2))
     exact = GM.ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
 
@@ -74,18 +91,30 @@ def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted):
         return _rms(x, exact)
 
     fixed = {sk: error(skip_type=sk) for sk in dpmjax.timesteps.SKIP_TYPES}
-    # Measured: fitted 4.0e-3 against 2.5e-2 for the best fixed grid (edm), 4.1e-2 for logSNR.
-    assert error(timesteps=ts) < 0.5 * min(fixed.values()), fixed
+    # Measured: grid only 4.0e-3 against 2.5e-2 for the best fixed grid (edm), 4.1e-2 for
+    # logSNR; grid and network times 1.3e-3.
+    grid_only = error(timesteps=fitted_grid_only[0])
+    assert grid_only < 0.5 * min(fixed.values()), fixed
+    assert error(timesteps=grid) < 0.5 * grid_only, (grid_only, fixed)
     # The dynamic program alone (one-step errors along the reference trajectories) already
     # beats the logSNR grid it selects its points from (measured 1.5e-2).
     assert error(timesteps=info["dp_grid"]) < fixed["logSNR"]
 
 
 def test_save_load_round_trip(tmp_path, fitted):
-    ts, _ = fitted
-    for name in ("grid.json", "grid.npy"):
-        dpmjax.save_timesteps(tmp_path / name, ts, steps=STEPS)
-        np.testing.assert_allclose(dpmjax.load_timesteps(tmp_path / name), np.asarray(ts), rtol=1e-7)
+    grid, _ = fitted
+    dpmjax.save_timesteps(tmp_path / "grid.json", grid, steps=STEPS)
+    back = dpmjax.load_timesteps(tmp_path / "grid.json")
+    np.testing.assert_allclose(back.timesteps, np.asarray(grid.timesteps), rtol=1e-7)
+    np.testing.assert_allclose(back.model_timesteps, np.asarray(grid.model_timesteps), rtol=1e-7)
+    # a plain grid (array) round-trips through both formats, without network times
+    for name in ("plain.json", "plain.npy"):
+        dpmjax.save_timesteps(tmp_path / name, grid.timesteps)
+        back = dpmjax.load_timesteps(tmp_path / name)
+        np.testing.assert_allclose(back.timesteps, np.asarray(grid.timesteps), rtol=1e-7)
+        assert back.model_timesteps is None
+    with pytest.raises(ValueError, match=".json"):
+        dpmjax.save_timesteps(tmp_path / "grid.npy", grid)
 
 
 def test_load_rejects_bad_files(tmp_path):
@@ -97,6 +126,9 @@ def test_load_rejects_bad_files(tmp_path):
         dpmjax.load_timesteps(bad)
     bad.write_text("not json")
     with pytest.raises(ValueError, match="not a dpmjax grid"):
+        dpmjax.load_timesteps(bad)
+    bad.write_text('{"timesteps": [0.9, 0.5, 0.1], "model_timesteps": [0.9]}')
+    with pytest.raises(ValueError, match="model_timesteps"):
         dpmjax.load_timesteps(bad)
 
 
