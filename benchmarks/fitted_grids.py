@@ -19,8 +19,8 @@ The table goes to ``results/fitted_grids.md`` (and ``.json``) and is copied into
 
 Run::
 
-    python benchmarks/fitted_grids.py            # ~20-30 min on 2 CPU cores
-    python benchmarks/fitted_grids.py --problems 0 --nfes 6   # one cell, ~20 s
+    python benchmarks/fitted_grids.py            # ~25-35 min on 2 CPU cores
+    python benchmarks/fitted_grids.py --problems 0 --nfes 6   # one NFE, both solvers, ~1 min
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ reference states (teacher forcing), but early errors decide which mode a sample 
 so the accumulated local error is a poor proxy for the global error there (the benchmark
 ``benchmarks/fitted_grids.py`` reports both). Step 5 matters there too: with the grid
 alone, DPM-Solver++(2M) on the 8-D and 16-D mixtures gains only 12-25% over the best
-fixed grid; with the model's times it gains MEASURED (see the benchmark).
+fixed grid; with the network's times as well it gains 48-69% (see the benchmark).
 
 The result is a :class:`dpmjax.FittedGrid` for :func:`dpmjax.sample`'s ``timesteps=``
 argument, fitted for the multistep or UniPC solver named by ``method``.
