@@ -107,35 +107,23 @@ def _resolve_times(schedule, t_start, t_end):
     return t_start, t_end
 
 
-def _check_timesteps(timesteps, schedule, steps, increasing=False):
-    """Validate a user grid (concrete values only; traced grids are checked for shape)."""
-    shape = tuple(jnp.shape(timesteps))
-    if shape != (steps + 1,):
-        raise ValueError(f"timesteps must have shape (steps + 1,) = ({steps + 1},); got {shape}")
-    if isinstance(timesteps, jax.core.Tracer):
+def _check_times(name, values, schedule, length, order=None):
+    """Validate user times ``name`` (``timesteps``: ``order`` "decreasing" or "increasing";
+    ``model_timesteps``: no order). ``length = (n, "steps + 1")``: the size and how it
+    reads. Concrete values only; traced ones are checked for shape."""
+    n, n_text = length
+    shape = tuple(jnp.shape(values))
+    if shape != (n,):
+        raise ValueError(f"{name} must have shape ({n_text},) = ({n},); got {shape}")
+    if isinstance(values, jax.core.Tracer):
         return
-    ts = np.asarray(timesteps, dtype=np.float64)
+    ts = np.asarray(values, dtype=np.float64)
     d = np.diff(ts)
-    if not np.all(np.isfinite(ts)) or (np.any(d <= 0) if increasing else np.any(d >= 0)):
-        which = "increasing" if increasing else "decreasing"
-        raise ValueError(f"timesteps must be finite and strictly {which}; got {ts}")
+    if not np.all(np.isfinite(ts)) or (order == "increasing" and np.any(d <= 0)) or (
+            order == "decreasing" and np.any(d >= 0)):
+        raise ValueError(f"{name} must be finite" + (f" and strictly {order}" if order else "") + f"; got {ts}")
     if not (ts.min() > 0 and ts.max() <= schedule.T):
-        raise ValueError(f"timesteps must lie in (0, schedule.T = {schedule.T}]; got min {ts.min()}, max {ts.max()}")
-
-
-def _check_model_timesteps(model_ts, schedule, config):
-    """Validate ``model_timesteps`` (concrete values only; traced ones are checked for shape)."""
-    if config.method not in ("multistep", "unipc"):
-        raise ValueError(f"model_timesteps is supported for method='multistep' and 'unipc'; got method={config.method!r}")
-    shape = tuple(jnp.shape(model_ts))
-    if shape != (config.steps,):
-        raise ValueError(f"model_timesteps must have shape (steps,) = ({config.steps},), one time per model "
-                         f"evaluation; got {shape}")
-    if isinstance(model_ts, jax.core.Tracer):
-        return
-    ts = np.asarray(model_ts, dtype=np.float64)
-    if not (np.all(np.isfinite(ts)) and ts.min() > 0 and ts.max() <= schedule.T):
-        raise ValueError(f"model_timesteps must be finite and lie in (0, schedule.T = {schedule.T}]; got {ts}")
+        raise ValueError(f"{name} must lie in (0, schedule.T = {schedule.T}]; got min {ts.min()}, max {ts.max()}")
 
 
 
@@ -376,9 +364,11 @@ def sample(
         timesteps, model_timesteps = timesteps.timesteps, (
             timesteps.model_timesteps if model_timesteps is None else model_timesteps)
     if timesteps is not None:
-        _check_timesteps(timesteps, schedule, config.steps)
+        _check_times("timesteps", timesteps, schedule, (config.steps + 1, "steps + 1"), "decreasing")
     if model_timesteps is not None:
-        _check_model_timesteps(model_timesteps, schedule, config)
+        if config.method not in ("multistep", "unipc"):
+            raise ValueError(f"model_timesteps is supported for method='multistep' and 'unipc'; got method={method!r}")
+        _check_times("model_timesteps", model_timesteps, schedule, (config.steps, "steps"))
     if noise is None:
         if key is None:
             raise ValueError("key must be a PRNG key when noise is None")
@@ -464,7 +454,7 @@ def invert(
         raise ValueError("invert takes timesteps as a plain increasing array, not a FittedGrid "
                          "(its model_timesteps belong to the sampling direction)")
     if timesteps is not None:
-        _check_timesteps(timesteps, schedule, config.steps, increasing=True)
+        _check_times("timesteps", timesteps, schedule, (config.steps + 1, "steps + 1"), "increasing")
     dtype = jnp.result_type(float)
     return _sample_jit(
         config, model_fn, sig["classifier_fn"], sig["correcting_xt_fn"], None, schedule, params, None, x0,
@@ -683,6 +673,8 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
     if timesteps is not None:
         timesteps = jnp.asarray(timesteps, dtype)
+    if model_timesteps is not None:
+        model_timesteps = jnp.asarray(model_timesteps, dtype)
     if key is not None and config.stochastic:
         key, key_steps = jax.random.split(key)
     else:
@@ -716,8 +708,6 @@ def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, sch
         user_scale_end = schedule.state_scale(info["t_final"])
     else:
         plan = _plan(config, schedule, t_start, t_end, timesteps)
-        if model_timesteps is not None:
-            model_timesteps = jnp.asarray(model_timesteps, dtype)
         y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end, model_timesteps)
         info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
         if states is not None:
