@@ -10,7 +10,8 @@ predictor, VPLinear, float64.
   (orders 1, 2) and the ODE DPM-Solver++(2M), at several NFE; the same distance between two
   independent data draws is the floor.
 
-Run: ``python benchmarks/adaptive_sde.py`` (writes benchmarks/results/adaptive_sde.md).
+Run: ``python benchmarks/adaptive_sde.py --samples 1500`` (the README figures; writes
+benchmarks/results/adaptive_sde.md).
 """
 
 from __future__ import annotations
@@ -24,15 +25,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import dpmjax  # noqa: E402
-
-
-def ring_mixture():
-    ang = jnp.arange(8) * (2 * jnp.pi / 8)
-    means = jnp.stack([jnp.cos(ang), jnp.sin(ang)], -1)
-    return dpmjax.GaussianMixture.isotropic(means, 0.05)
+from accuracy import make_problems  # noqa: E402
+from report import write_markdown  # noqa: E402
 
 
 def energy_distance(x, y):
@@ -50,7 +46,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "adaptive_sde.md"))
     args = ap.parse_args(argv)
     t0 = time.time()
-    gm, s = ring_mixture(), dpmjax.VPLinear()
+    gm, s = make_problems(jnp, dpmjax)[0][1], dpmjax.VPLinear()  # the 2-D ring of accuracy.py
     model = gm.model_fn(s)
     n = args.samples
     xT = jax.random.normal(jax.random.key(0), (n, 2))
@@ -88,10 +84,8 @@ def main(argv=None):
             x = dpmjax.sample(model, gm, jax.random.key(3), (n, 2), schedule=s, steps=nfe, skip_type="logSNR", **kw)
             row.append(f"{energy_distance(x, data):.2e}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    lines += ["", f"Wall time {time.time() - t0:.0f} s. Command: `python benchmarks/adaptive_sde.py`."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    lines += ["", f"Wall time {time.time() - t0:.0f} s. Command: `python benchmarks/adaptive_sde.py --samples {n}`."]
+    write_markdown(args.out, lines)
     print("\n".join(lines))
 
 

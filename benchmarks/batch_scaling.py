@@ -13,9 +13,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 import dpmjax
+from report import write_markdown
 from speed import FEATURES, init_mlp, limit_inputs, make_limit, make_model_fn
 
 
@@ -58,9 +58,7 @@ def main(argv=None):
         "|---:|---:|---:|---:|---:|",
     ] + [f"| {r[0]} | {r[1]:.2f} | {r[2]:.2f} | {r[3]:.2f} | {r[4]:.3f} |" for r in rows]
     lines += ["", "Command: `python benchmarks/batch_scaling.py`."]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_markdown(args.out, lines)
     print("\n".join(lines))
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpmjax
+from report import write_markdown
 
 FEATURES = 64
 T_FEATURES = 16
@@ -124,12 +124,6 @@ def limit_inputs(schedule, steps):
 
 
 def _timed(fn):
-    t0 = time.perf_counter()
-    fn().block_until_ready()
-    return time.perf_counter() - t0
-
-
-def _timed2(fn):
     """(wall seconds, CPU seconds of this process, all threads)."""
     c0, t0 = time.process_time(), time.perf_counter()
     fn().block_until_ready()
@@ -173,7 +167,7 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
     for _ in range(repeats):
         for label, (direct, wrapped) in calls.items():  # interleaved: limit, sample, jit(sample), limit, ...
             for acc, fn in zip(times[label], (call_limit, direct, wrapped)):
-                acc.append(_timed2(fn))
+                acc.append(_timed(fn))
     rows = []
     for label in calls:
         t_l, t_s, t_j = (np.asarray(v) for v in times[label])  # (repeats, 2): wall, cpu
@@ -209,8 +203,8 @@ def measure_compile(steps_list, schedule, trials, width=128, batch=512):
                         skip_type="logSNR", **kw
                     )
 
-                first = np.asarray(_timed2(run))  # (wall, cpu)
-                cached = np.median([_timed2(run) for _ in range(3)], axis=0)
+                first = np.asarray(_timed(run))  # (wall, cpu)
+                cached = np.median([_timed(run) for _ in range(3)], axis=0)
                 best = first - cached if best is None else np.minimum(best, first - cached)
             out[(label, steps)] = best
     return out
@@ -316,10 +310,8 @@ def main(argv=None):
         )
         lines.append(line)
         print(line, flush=True)
-    lines += ["", f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}`", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+    lines += ["", f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}`"]
+    write_markdown(args.out, lines)
     print(f"written {args.out}")
     if args.hlo:
         dump_hlo(args.hlo, schedule)
