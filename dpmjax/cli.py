@@ -364,13 +364,13 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     steps = DEMO_FIT_STEPS
     fit_noise = jax.random.normal(jax.random.key(seed + 5), (fit_trajectories,) + ds.shape)
     t0 = time.perf_counter()
-    ts, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
-                                    steps=steps, noise=fit_noise, n_candidates=fit_candidates,
-                                    refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER)
-    ts = jax.block_until_ready(ts)
+    grid, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
+                                      steps=steps, noise=fit_noise, n_candidates=fit_candidates,
+                                      refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER)
+    grid = jax.block_until_ready(grid)
     fit_seconds = time.perf_counter() - t0
     grid_path = os.path.join(out, f"grid-{steps}.json")
-    dpmjax.save_timesteps(grid_path, ts, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed,
+    dpmjax.save_timesteps(grid_path, grid, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed,
                           checkpoint=os.path.abspath(run_dir), trajectories=fit_trajectories,
                           n_candidates=fit_candidates, refine_iters=fit_refine_iters)
     start_losses = info.get("start_losses", {})
@@ -382,7 +382,7 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
         f"noise{errs}); saved to {grid_path}")
     label_log, label_fit = DEMO_FIT_LABELS
     results[label_log] = evaluate(label_log, dict(DEMO_FIT_SOLVER, steps=steps, skip_type="logSNR"))
-    results[label_fit] = evaluate(label_fit, dict(DEMO_FIT_SOLVER, steps=steps, timesteps=ts))
+    results[label_fit] = evaluate(label_fit, dict(DEMO_FIT_SOLVER, steps=steps, timesteps=grid))
     results[label_fit]["fit_seconds"] = fit_seconds
     # table order: the 10-NFE samplers, the 6-NFE pair, the reference last
     ref_label = DEMO_METHODS[-1][0]
@@ -422,9 +422,6 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-# -- entry point --------------------------------------------------------------------------
-
-
 # -- fit-steps ----------------------------------------------------------------------------
 
 
@@ -440,19 +437,22 @@ def _cmd_fit_steps(args) -> int:
     if ds.num_classes:
         raise ValueError(f"fit-steps supports the unlabelled 2-D data sets; {ds.name} is class-conditional")
     t0 = time.perf_counter()
-    ts, info = dpmjax.fit_timesteps(
+    grid, info = dpmjax.fit_timesteps(
         trainer.model_fn, state.ema_params, jax.random.key(args.seed), (args.trajectories,) + ds.shape,
         schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, method=args.method,
         order=args.order, n_candidates=args.candidates, refine_iters=args.refine_iters,
         model_times=not args.grid_only, return_info=True,
     )
-    dpmjax.save_timesteps(args.out, ts, steps=args.steps, algorithm=args.algorithm, method=args.method,
+    dpmjax.save_timesteps(args.out, grid, steps=args.steps, algorithm=args.algorithm, method=args.method,
                           order=args.order, checkpoint=os.path.abspath(args.checkpoint))
     starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
     print(f"wrote {args.out}: {args.steps}-step grid for {args.algorithm} {args.method} order {args.order} in "
           f"{time.perf_counter() - t0:.1f}s; fitted error {info.get('fit_loss', float('nan')):.4f}"
           + (f" (starting grids: {starts})" if starts else ""))
     return 0
+
+
+# -- entry point --------------------------------------------------------------------------
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
