@@ -7,6 +7,7 @@ from .analytic import GaussianMixture
 from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
+from .solvers import Solver, SolverState, solver
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
 from .timesteps import SKIP_TYPES, FittedGrid, time_grid
 
@@ -24,6 +25,8 @@ __all__ = [
     "FittedGrid",
     "NoiseSchedule",
     "RectifiedFlow",
+    "Solver",
+    "SolverState",
     "VPCosine",
     "VPDiscrete",
     "VPLinear",
@@ -35,6 +38,7 @@ __all__ = [
     "load_timesteps",
     "sample",
     "save_timesteps",
+    "solver",
     "time_grid",
     "to_data",
     "to_noise",

@@ -50,9 +50,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import sampler as _sampler
+from . import models as _models
+from . import solvers as _solvers
 from . import timesteps as _ts
 from . import updates as _up
+from .sampler import sample
 
 __all__ = ["FittedGrid", "fit_timesteps", "save_timesteps", "load_timesteps"]
 
@@ -61,36 +63,32 @@ FittedGrid = _ts.FittedGrid
 _grid = jax.jit(_ts.time_grid, static_argnums=(1, 4))  # compiled once per (skip type, steps)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "predict_data", "solver_type"))
 def _one_step_errors(G, la, ls, order, *, predict_data, solver_type):
-    """RMS one-step errors of the order-``order`` multistep update between candidates.
+    """RMS one-step errors of the order-``order`` multistep update between candidates
+    (NumPy, float64: the errors are differences of nearly equal quantities).
 
     ``G`` is the Gram matrix of ``[x_0..x_n, m_0..m_{n-1}]`` (mean over trajectories of
     inner products / dim). Returns an array with ``order + 1`` axes
     ``(k2, k, i, j)[-order - 1:]``; inadmissible index tuples are ``inf``.
     """
     n1 = la.shape[0]  # n + 1 candidates
-    ax = [jnp.arange(n1).reshape((n1,) + (1,) * (3 - a)) for a in range(4)]  # k2, k, i, j
-    k2, k, i, j = ax
+    k2, k, i, j = (np.arange(n1).reshape((n1,) + (1,) * (3 - a)) for a in range(4))
     lam = la - ls
-    A, _, (o1, o2, o3) = _up.multistep_coefficients(
-        la[i], ls[i], la[j], ls[j], lam[k], lam[k2], predict_data=predict_data, solver_type=solver_type
-    )
-    coefs = {1: o1, 2: o2, 3: o3}[order]
-    m = lambda idx: n1 + jnp.minimum(idx, n1 - 2)  # noqa: E731  (m_n is never used)
-    vecs = [(A, i), (coefs[0], m(i)), (coefs[1], m(k)), (coefs[2], m(k2)), (-jnp.ones_like(A), j)]
-    vecs = vecs[: 2 + (order - 1)] + [vecs[-1]]
-    sq = 0.0
-    for wa, ia in vecs:
-        for wb, ib in vecs:
-            sq = sq + wa * wb * G[ia, ib]
-    err = jnp.sqrt(jnp.maximum(sq, 0.0))
-    valid = (i < j) & (k < i) & (k2 < k)
-    if order == 1:
-        valid = i < j
-    elif order == 2:
-        valid = (i < j) & (k < i)
-    err = jnp.where(valid & jnp.isfinite(err), err, jnp.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        A, _, (o1, o2, o3) = _up.multistep_coefficients(
+            la[i], ls[i], la[j], ls[j], lam[k], lam[k2], predict_data=predict_data, solver_type=solver_type, xp=np
+        )
+        coefs = {1: o1, 2: o2, 3: o3}[order]
+        m = lambda idx: n1 + np.minimum(idx, n1 - 2)  # noqa: E731  (m_n is never used)
+        vecs = [(A, i), (coefs[0], m(i)), (coefs[1], m(k)), (coefs[2], m(k2)), (-np.ones_like(A), j)]
+        vecs = vecs[: 2 + (order - 1)] + [vecs[-1]]
+        sq = 0.0
+        for wa, ia in vecs:
+            for wb, ib in vecs:
+                sq = sq + wa * wb * G[ia, ib]
+        err = np.sqrt(np.maximum(sq, 0.0))
+    valid = {1: i < j, 2: (i < j) & (k < i)}.get(order, (i < j) & (k < i) & (k2 < k))
+    err = np.where(valid & np.isfinite(err), err, np.inf)
     # keep only the axes the order uses: (k2, k, i, j)[-order - 1:]
     idx = (0,) * (3 - order) + (slice(None),) * (order + 1)
     return err[idx]
@@ -111,7 +109,7 @@ def _dynamic_program(costs, orders, n1):
         args.append(best)
     final = D[..., n1 - 1]
     if not np.isfinite(final).any():
-        raise ValueError("no admissible grid: increase n_candidates")
+        raise ValueError("no admissible grid: the one-step errors are not finite (does the model return NaN?)")
     state = list(np.unravel_index(np.argmin(final), final.shape)) + [n1 - 1]
     path = [state[-1]]
     for best in reversed(args):
@@ -119,6 +117,101 @@ def _dynamic_program(costs, orders, n1):
         state = [prev0] + state[:-1]
         path.append(state[-1])
     return path[::-1], float(np.min(final))
+
+
+# The refinement's pieces are compiled once per configuration (``static``: the model
+# function, the solver's keyword arguments, steps and whether network times are fitted)
+# and reused by later calls with new parameters, data or noise.
+
+
+def _grid_of(schedule, u, tau0, tau1):
+    """A decreasing grid from softmax weights ``u`` of its lambda increments (exact ends)."""
+    lam0, lam1 = schedule.lambda_(tau0), schedule.lambda_(tau1)
+    w = jax.nn.softmax(u)
+    lam = lam0 + (lam1 - lam0) * jnp.concatenate([jnp.zeros((1,), w.dtype), jnp.cumsum(w)])
+    return schedule.inverse_lambda(lam).at[0].set(tau0).at[-1].set(tau1)
+
+
+def _model_times_of(schedule, ts, d):
+    """Network times: lambda shifts ``d`` from the grid's own, kept inside the interval."""
+    lam0, lam1 = schedule.lambda_(ts[0]), schedule.lambda_(ts[-1])
+    lam = jnp.clip(schedule.lambda_(ts[:-1]) + d, lam0, lam1)
+    return jnp.clip(schedule.inverse_lambda(lam), ts[-1], ts[0])
+
+
+def _loss(static, schedule, params, x_start, x_ref, ts, mts, extra):
+    model_fn, kw = static[0], dict(static[1])
+    x = sample(model_fn, params, None, x_start.shape, schedule=schedule, noise=x_start, timesteps=ts,
+               model_timesteps=mts, **kw, **extra)
+    return jnp.sqrt(jnp.mean((x - x_ref) ** 2))
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _start_losses(static, schedule, params, x_start, x_ref, grids, extra):
+    """Global error of each start grid (one compiled program for all of them)."""
+    return jax.lax.map(lambda g: _loss(static, schedule, params, x_start, x_ref, g, None, extra), grids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _refine(static, iters, lr, progress, schedule, params, x_start, x_ref, u0, tau0, tau1, best0, extra):
+    """Adam on the global error in one ``lax.scan`` (``zero_nans`` drops non-finite
+    gradients); keeps the parameters with the lowest loss seen (``best0`` is the start's)."""
+    fit_d = static[2]
+    opt = optax.chain(optax.zero_nans(), optax.adam(lr))
+
+    def loss_of(u):
+        ts = _grid_of(schedule, u["u"], tau0, tau1)
+        mts = _model_times_of(schedule, ts, u["d"]) if fit_d else None
+        return _loss(static, schedule, params, x_start, x_ref, ts, mts, extra)
+
+    def body(carry, i):
+        u, opt_state, best_loss, best_u = carry
+        loss, g = jax.value_and_grad(loss_of)(u)  # the loss at u, before the update
+        better = jnp.isfinite(loss) & (loss < best_loss)
+        best_u = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), u, best_u)
+        best_loss = jnp.where(better, loss, best_loss)
+        if progress:
+            jax.debug.callback(_progress_update, i, loss, best_loss)
+        upd, opt_state = opt.update(g, opt_state, u)
+        return (optax.apply_updates(u, upd), opt_state, best_loss, best_u), None
+
+    carry = (u0, opt.init(u0), best0, u0)
+    (u, _, best_loss, best_u), _ = jax.lax.scan(body, carry, jnp.arange(iters))
+    final = loss_of(u)  # the last update's result (forward only)
+    better = jnp.isfinite(final) & (final < best_loss)
+    best_u = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), u, best_u)
+    return best_u, jnp.where(better, final, best_loss)
+
+
+_PROGRESS = []  # the active tqdm bar of a fit (host side)
+
+
+def _progress_update(i, loss, best):
+    if _PROGRESS:
+        bar = _PROGRESS[-1]
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{float(best):.4g}", refresh=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _model_outputs(static, guided, schedule, params, xs, tau, condition, uncond, scale):
+    """Converted model outputs at the candidates (solver scale), one ``lax.map``."""
+    model_fn, model_type, predict_data = static
+    dtype = xs.dtype
+
+    def one(args):
+        x, t = args
+        sc = schedule.state_scale(t)
+        x_in = x / sc
+        tm = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype)
+        out = model_fn(params, x_in, tm) if condition is None else model_fn(params, x_in, tm, condition)
+        if guided:
+            out_u = model_fn(params, x_in, tm, uncond)
+            out = out_u + scale * (out - out_u)
+        conv = _models.to_data if predict_data else _models.to_noise
+        return conv(jnp.asarray(out).astype(dtype), x, schedule.alpha(t), schedule.sigma(t), model_type)
+
+    return jax.lax.map(one, (xs, tau))
 
 
 def fit_timesteps(
@@ -148,6 +241,7 @@ def fit_timesteps(
     refine_lr: float = 0.05,
     model_times: bool = True,
     return_info: bool = False,
+    progress: bool = False,
 ):
     """Fit a ``steps``-step time grid to a model for one multistep or UniPC solver.
 
@@ -168,6 +262,11 @@ def fit_timesteps(
         the global error (0 iterations: return the dynamic program's grid).
       model_times: also fit the network's time input at each evaluation (default); with
         ``False`` only the solver's grid is fitted.
+      progress: show a progress bar of the refinement (tqdm).
+
+    The refinement is one compiled ``lax.scan`` of Adam steps, compiled once per
+    configuration (model function, solver options, ``steps``, ``refine_iters``) and reused
+    by later calls.
 
     Returns:
       A :class:`dpmjax.FittedGrid`: ``timesteps``, a strictly decreasing array of
@@ -187,54 +286,53 @@ def fit_timesteps(
         raise ValueError(f"algorithm must be 'dpmsolver++' or 'dpmsolver' for fit_timesteps; got {algorithm!r}")
     if method not in ("multistep", "unipc"):
         raise ValueError(f"method must be 'multistep' or 'unipc' for fit_timesteps; got {method!r}")
-    n = _sampler._integer("n_candidates", n_candidates, 2)
-    steps = _sampler._integer("steps", steps, 1)
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
+    n = _solvers._integer("n_candidates", n_candidates, 2, 400)
+    steps = _solvers._integer("steps", steps, 1)
     if steps > n:
         raise ValueError(f"steps must be <= n_candidates = {n}; got steps={steps}")
-    fine = 8 * n if fine_steps is None else _sampler._integer("fine_steps", fine_steps, n)
+    fine = 8 * n if fine_steps is None else _solvers._integer("fine_steps", fine_steps, n)
     if fine % n:
         raise ValueError(f"fine_steps must be a multiple of n_candidates = {n}; got {fine}")
-    common = dict(
-        schedule=schedule, model_type=model_type, t_start=t_start, t_end=t_end, noise=noise,
-        condition=condition, unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
-    )
-    defaults = _sampler._sample_defaults(
-        "thresholding", "thresholding_max_val", "dynamic_thresholding_ratio", "correcting_xt_fn",
-        "return_intermediate", "classifier_fn", "disable_corrector", "return_info", "timesteps",
-        "atol", "rtol", "h_init", "theta", "t_err", "max_nfe", "sharding",
-    )
-    config = _sampler._configure(
-        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method=method,
-        order=order, steps=steps, skip_type="logSNR", lower_order_final=lower_order_final,
-        denoise_to_zero=False, solver_type=solver_type, variant=variant, condition=condition,
-        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale, **defaults,
-    )
-    ts0, ts1 = _sampler._resolve_times(schedule, t_start, t_end)
+    refine_iters = _solvers._integer("refine_iters", refine_iters, 0, 1_000_000)
+    refine_lr = _solvers._real("refine_lr", refine_lr)
+    if refine_lr <= 0:
+        raise ValueError(f"refine_lr must be > 0; got {refine_lr}")
+    model_times = _solvers._boolean("model_times", model_times)
+    # The solver the grid is fitted for (all of its checks, before any work).
+    solver_kw = dict(model_type=model_type, algorithm=algorithm, method=method, order=order, solver_type=solver_type,
+                     lower_order_final=lower_order_final, variant=variant)
+    if method == "multistep":
+        _solvers.reject_inapplicable(method, dict(variant=variant))
+        solver_kw.pop("variant")
+    else:
+        _solvers.reject_inapplicable(method, dict(solver_type=solver_type))
+        solver_kw.pop("solver_type")
+    _solvers.solver(schedule, steps=steps, skip_type="logSNR", t_start=t_start, t_end=t_end, **solver_kw)
+    ts0, ts1 = _solvers.resolve_times(schedule, t_start, t_end)
+    common = dict(schedule=schedule, model_type=model_type, t_start=ts0, t_end=ts1, noise=noise, condition=condition,
+                  unconditional_condition=unconditional_condition, guidance_scale=guidance_scale)
 
     # 1. Reference trajectories on a fine logSNR grid containing the candidates.
-    _, states = _sampler.sample(
-        model_fn, params, key, shape, algorithm="dpmsolver++", method="multistep", order=3,
-        steps=fine, skip_type="logSNR", return_intermediate=True, **common,
-    )
+    _, states = sample(model_fn, params, key, shape, algorithm="dpmsolver++", method="multistep", order=3,
+                       steps=fine, skip_type="logSNR", return_intermediate=True, **common)
+    if not bool(jnp.all(jnp.isfinite(states))):
+        raise ValueError("the reference trajectories are not finite: model_fn returns NaN or inf on these inputs")
     dtype = states.dtype
     tau = _grid(schedule, "logSNR", jnp.asarray(ts0, dtype), jnp.asarray(ts1, dtype), n)
     xs = states[:: fine // n]
-    G, la, ls = _gram(config, model_fn, schedule, params, xs, tau, condition, unconditional_condition,
-                      jnp.asarray(guidance_scale, dtype))
+    scale_t = jnp.asarray(schedule.state_scale(tau), dtype)
+    xs_solver = xs * scale_t.reshape(scale_t.shape + (1,) * (xs.ndim - scale_t.ndim))  # user -> solver scale
+    guided = unconditional_condition is not None
+    ms = _model_outputs((model_fn, model_type, algorithm == "dpmsolver++"), guided, schedule, params,
+                        xs_solver[:-1], tau[:-1], condition, unconditional_condition,
+                        jnp.asarray(guidance_scale, dtype))
+    G = _gram_matrix(xs_solver, ms)
+    la, ls = np.asarray(schedule.log_alpha(tau), np.float64), np.asarray(schedule.log_sigma(tau), np.float64)
     orders = _ts.multistep_orders(order, steps, lower_order_final)
-    # The errors are differences of nearly equal quantities: evaluate them in float64.
-    la, ls = np.asarray(la, np.float64), np.asarray(ls, np.float64)
-    with jax.enable_x64(True):
-        costs = {
-            o: np.asarray(
-                _one_step_errors(
-                    jnp.asarray(G), jnp.asarray(la), jnp.asarray(ls), o,
-                    predict_data=algorithm == "dpmsolver++", solver_type=solver_type,
-                ),
-                np.float64,
-            )
-            for o in sorted(set(orders))
-        }
+    costs = {o: _one_step_errors(G, la, ls, o, predict_data=algorithm == "dpmsolver++", solver_type=solver_type)
+             for o in sorted(set(orders))}
     path, cost = _dynamic_program(costs, orders, n + 1)
     dp_grid = tau[jnp.asarray(path)]
     info = {"dp_cost": cost, "dp_indices": np.asarray(path), "dp_grid": dp_grid}
@@ -247,69 +345,41 @@ def fit_timesteps(
     #    the fixed grids on the fitting trajectories. The grid is parameterised by softmax
     #    weights of its lambda increments: decreasing with exact end points by construction.
     #    5. The network's times are lambda shifts from the grid's, kept inside the interval.
-    x_ref = states[-1]
-    x_start = states[0]
-    lam0, lam1 = schedule.lambda_(tau[0]), schedule.lambda_(tau[-1])
-    kw = dict(
-        schedule=schedule, model_type=model_type, algorithm=algorithm, method=method, order=order,
-        steps=steps, solver_type=solver_type, variant=variant, lower_order_final=lower_order_final, condition=condition,
-        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
-    )
+    x_ref, x_start = states[-1], states[0]
+    kw = dict(solver_kw, steps=steps, model_type=model_type)
+    static = (model_fn, tuple(sorted(kw.items())), model_times)
+    extra = dict(condition=condition, unconditional_condition=unconditional_condition,
+                 guidance_scale=jnp.asarray(guidance_scale, dtype) if guided else 1.0)
+    if not guided:
+        extra.pop("guidance_scale")
+    names = ["dp", *_ts.SKIP_TYPES]
+    grids = jnp.stack([dp_grid] + [_grid(schedule, sk, tau[0], tau[-1], steps) for sk in _ts.SKIP_TYPES])
+    losses = np.asarray(_start_losses(static, schedule, params, x_start, x_ref, grids, extra), np.float64)
+    start_losses = dict(zip(names, losses.tolist()))
+    best = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan))) if np.isfinite(losses).any() else 0
+    g0 = grids[best]
+    u0 = {"u": jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6)),
+          "d": jnp.zeros((steps,), dtype)}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-    def grid_of(u):
-        w = jax.nn.softmax(u)
-        lam = lam0 + (lam1 - lam0) * jnp.concatenate([jnp.zeros((1,), w.dtype), jnp.cumsum(w)])
-        ts = schedule.inverse_lambda(lam)
-        return ts.at[0].set(tau[0]).at[-1].set(tau[-1])
-
-    def model_times_of(ts, d):
-        lam = jnp.clip(schedule.lambda_(ts[:-1]) + d, lam0, lam1)
-        return jnp.clip(schedule.inverse_lambda(lam), tau[-1], tau[0])
-
-    def loss_of_grid(ts, p, d=None):
-        mts = None if d is None else model_times_of(ts, d)
-        x = _sampler.sample(model_fn, p, None, x_start.shape, noise=x_start, timesteps=ts, model_timesteps=mts, **kw)
-        return jnp.sqrt(jnp.mean((x - x_ref) ** 2))
-
-    loss_jit = jax.jit(loss_of_grid)
-    starts = {"dp": dp_grid}
-    for sk in _ts.SKIP_TYPES:
-        starts[sk] = _grid(schedule, sk, tau[0], tau[-1], steps)
-    start_losses = {name: float(loss_jit(g, params)) for name, g in starts.items()}
-    best_name = min(start_losses, key=start_losses.get)
-    g0 = starts[best_name]
-    u = {"u": jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6))}
-    if model_times:
-        u["d"] = jnp.zeros((steps,), u["u"].dtype)
-    opt = optax.adam(refine_lr)
-    opt_state = opt.init(u)
-
-    def loss_of(u, p):
-        return loss_of_grid(grid_of(u["u"]), p, u.get("d"))
-
-    @jax.jit
-    def update(u, opt_state, p):
-        loss, g = jax.value_and_grad(loss_of)(u, p)
-        g = jax.tree.map(lambda a: jnp.where(jnp.isfinite(a), a, 0.0), g)
-        upd, opt_state = opt.update(g, opt_state, u)
-        return optax.apply_updates(u, upd), opt_state, loss
-
-    best_loss, best_u = start_losses[best_name], u
-    for _ in range(refine_iters):
-        u_new, opt_state, loss = update(u, opt_state, params)
-        loss = float(loss)
-        if np.isfinite(loss) and loss < best_loss:
-            best_loss, best_u = loss, u  # loss was evaluated at u (before the update)
-        u = u_new
-    final_loss = float(update(u, opt_state, params)[2])  # the loss at u (the step is discarded)
-    if final_loss < best_loss:
-        best_loss, best_u = final_loss, u
-    if best_loss < start_losses[best_name]:
-        ts = grid_of(best_u["u"])
-        grid = FittedGrid(ts, model_times_of(ts, best_u["d"]) if model_times else None)
+        bar = tqdm(total=refine_iters, desc=f"fitting a {steps}-step grid", leave=False)
+        _PROGRESS.append(bar)
+    try:
+        best_u, best_loss = _refine(static, refine_iters, refine_lr, bool(progress), schedule, params, x_start, x_ref,
+                                    u0, tau[0], tau[-1], jnp.asarray(losses[best], dtype), extra)
+        best_loss = float(best_loss)
+    finally:
+        if bar is not None:
+            _PROGRESS.remove(bar)
+            bar.close()
+    if best_loss < losses[best]:
+        ts = _grid_of(schedule, best_u["u"], tau[0], tau[-1])
+        grid = FittedGrid(ts, _model_times_of(schedule, ts, best_u["d"]) if model_times else None)
     else:
         grid = FittedGrid(g0, None)
-    info.update(start_losses=start_losses, start=best_name, fit_loss=best_loss)
+    info.update(start_losses=start_losses, start=names[best], fit_loss=min(best_loss, float(losses[best])))
     return (grid, info) if return_info else grid
 
 
@@ -318,16 +388,6 @@ def _gram_matrix(X, M):
     V = np.concatenate([np.asarray(X, np.float64), np.asarray(M, np.float64)], 0)
     V = V.reshape(V.shape[0], -1)
     return V @ V.T / (V.shape[1])
-
-
-def _gram(config, model_fn, schedule, params, xs, tau, condition, uncond, scale):
-    """Model outputs at the candidates (solver scale) and the Gram matrix of ``[x, m]``."""
-    predict = _sampler._make_predict(config, model_fn, None, schedule, params, condition, uncond, scale)
-    scale_t = jnp.asarray(schedule.state_scale(tau), xs.dtype)
-    xs = xs * scale_t.reshape(scale_t.shape + (1,) * (xs.ndim - scale_t.ndim))  # user -> solver scale
-    ms = jax.jit(lambda xs, tau: jax.lax.map(lambda a: predict(a[0], a[1]), (xs, tau)))(xs[:-1], tau[:-1])
-    G = _gram_matrix(xs, ms)
-    return G, schedule.log_alpha(tau), schedule.log_sigma(tau)
 
 
 def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:

@@ -1,18 +1,18 @@
-"""``dpmjax.sample``: validate -> plan -> one ``lax.scan`` over model evaluations.
+"""``dpmjax.sample``: validate -> solver tables -> one ``lax.scan`` over model evaluations.
 
 The configuration (algorithm, method, order, steps, skip type, ...) is static and
 decides the structure of the program; everything that is an array (the starting
 noise or key, the parameters, the guidance scale, the conditions, the schedule's
-tables, ``t_start``/``t_end``) is traced, so changing it never recompiles. The
-per-step coefficients are computed before the loop (:mod:`dpmjax.updates`), the loop
-body is the same for every step, and the model is traced exactly once.
+tables, the times) is traced, so changing it never recompiles. The fixed-step methods
+are drivers of the one-step API (:func:`dpmjax.solver`): ``sample`` is ``init``, a
+``lax.scan`` of the model call and the same ``step``, and ``result``. The adaptive
+method is its own ``lax.while_loop`` (:mod:`dpmjax.adaptive`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import numbers
 from typing import Any, Callable, Optional
 
@@ -21,214 +21,108 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import adaptive as _adaptive
-
 from . import models as _models
+from . import solvers as _solvers
 from . import timesteps as _ts
-from . import updates as _up
-from . import schedules as _schedules
 from .schedules import NoiseSchedule
+from .solvers import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, check_key
 
 __all__ = ["sample", "invert", "add_noise", "ALGORITHMS", "METHODS", "SOLVER_TYPES", "UNIPC_VARIANTS"]
 
-ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
-METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive")
-SOLVER_TYPES = ("dpmsolver", "taylor")
-UNIPC_VARIANTS = ("bh1", "bh2")
+_DEFAULT_MAX_NFE = 10_000
+_MAX_MAX_NFE = 10_000_000
+_ADAPTIVE_DEFAULTS = dict(atol=0.0078, rtol=0.05, h_init=0.05, theta=0.9, t_err=1e-5, max_nfe=None)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
-    """Everything static about one sampling program (hashable: a jit cache key)."""
+class _Run:
+    """What is static about one call beyond the solver's own options (a jit cache key)."""
 
     shape: tuple
-    model_type: str
-    algorithm: str
-    method: str
-    order: int
-    steps: int
-    skip_type: str
-    lower_order_final: bool
-    denoise_to_zero: bool
-    solver_type: str
-    thresholding: bool
-    thresholding_max_val: float
-    dynamic_thresholding_ratio: float
-    return_intermediate: bool
+    model_type: str  # the network's output type (the solver may see "noise" under classifier guidance)
     guidance: str  # "none" | "cfg" | "classifier"
-    has_condition: bool
-    variant: str
-    use_corrector: tuple
+    stochastic: bool
+    return_intermediate: bool
     return_info: bool
-    custom_grid: bool
-    adaptive: tuple  # (atol, rtol, h_init, theta, t_err, max_nfe) for method="adaptive"
-    sharded: bool
-
-    @property
-    def predict_data(self) -> bool:
-        return self.algorithm in ("dpmsolver++", "sde-dpmsolver++")
-
-    @property
-    def stochastic(self) -> bool:
-        return self.algorithm.startswith("sde-")
+    adaptive: tuple = ()  # (order, predict_data, solver_type, thresholding, ratio, max_val, atol, rtol, h_init, theta, t_err, max_nfe)
 
 
-def _choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _integer(name, value, lo, hi=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {rng}; got {value}")
-    return value
-
-
-def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    return value
-
-
-def _resolve_times(schedule, t_start, t_end):
-    t_start = schedule.T if t_start is None else _real("t_start", t_start)
-    t_end = schedule.t_eps if t_end is None else _real("t_end", t_end)
-    if not 0.0 < t_start <= schedule.T:
-        raise ValueError(f"t_start must be in (0, schedule.T = {schedule.T}]; got {t_start}")
-    if not 0.0 < t_end < t_start:
-        raise ValueError(f"t_end must be in (0, t_start = {t_start}); got {t_end} (never 0: lambda is infinite there)")
-    return t_start, t_end
-
-
-def _check_times(name, values, schedule, length, order=None):
-    """Validate user times ``name`` (``timesteps``: ``order`` "decreasing" or "increasing";
-    ``model_timesteps``: no order). ``length = (n, "steps + 1")``: the size and how it
-    reads. Concrete values only; traced ones are checked for shape."""
-    n, n_text = length
-    shape = tuple(jnp.shape(values))
-    if shape != (n,):
-        raise ValueError(f"{name} must have shape ({n_text},) = ({n},); got {shape}")
-    if isinstance(values, jax.core.Tracer):
-        return
-    ts = np.asarray(values, dtype=np.float64)
-    d = np.diff(ts)
-    if not np.all(np.isfinite(ts)) or (order == "increasing" and np.any(d <= 0)) or (
-            order == "decreasing" and np.any(d >= 0)):
-        raise ValueError(f"{name} must be finite" + (f" and strictly {order}" if order else "") + f"; got {ts}")
-    if not (ts.min() > 0 and ts.max() <= schedule.T):
-        raise ValueError(f"{name} must lie in (0, schedule.T = {schedule.T}]; got min {ts.min()}, max {ts.max()}")
-
-
-
-_DEFAULT_MAX_NFE = 10_000
-
-
-def _configure(
-    model_fn, schedule, shape, *, model_type, algorithm, method, order, steps, skip_type,
-    lower_order_final, denoise_to_zero, solver_type, thresholding, thresholding_max_val,
-    dynamic_thresholding_ratio, correcting_xt_fn, return_intermediate, condition,
-    unconditional_condition, guidance_scale, classifier_fn, variant, disable_corrector,
-    return_info, timesteps, atol, rtol, h_init, theta, t_err, max_nfe, sharding,
-) -> _Config:
-    """All argument checks (before anything is traced) and the static configuration."""
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(
-            "schedule must be a dpmjax.NoiseSchedule (VPLinear, VPCosine, VPDiscrete, EDM, RectifiedFlow); "
-            f"got {type(schedule).__name__}"
-        )
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a tuple of ints; got {shape!r}") from None
+def _check_shape(shape):
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of ints (B, ...); got {type(shape).__name__} {shape!r}")
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"shape must be a tuple of ints (B, ...); got {shape!r}")
+    shape = tuple(int(d) for d in shape)
     if len(shape) < 1 or any(d < 1 for d in shape):
         raise ValueError(f"shape must be (B, ...) with positive sizes; got {shape}")
-    _choice("model_type", model_type, _models.MODEL_TYPES)
-    _choice("algorithm", algorithm, ALGORITHMS)
-    _choice("method", method, METHODS)
-    _choice("skip_type", skip_type, _ts.SKIP_TYPES)
-    _choice("solver_type", solver_type, SOLVER_TYPES)
-    _choice("variant", variant, UNIPC_VARIANTS)
-    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
-        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
-    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
-        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
-    order = _integer("order", order, 1, 3)
-    steps = _integer("steps", steps, 1)
-    if method in ("multistep", "singlestep_fixed", "unipc") and steps < order:
-        raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
-    if algorithm.startswith("sde-") and (method != "multistep" or order > 2):
-        raise ValueError(
-            f"algorithm={algorithm!r} supports method='multistep' with order 1 or 2; got method={method!r}, order={order}"
-        )
-    if method == "adaptive":
-        if order not in (2, 3):
-            raise ValueError(f"method='adaptive' needs order 2 or 3; got order={order}")
-        if timesteps is not None:
-            raise ValueError("timesteps cannot be combined with method='adaptive' (it chooses its own steps)")
-        adaptive = (
-            _real("atol", atol), _real("rtol", rtol), _real("h_init", h_init),
-            _real("theta", theta), _real("t_err", t_err),
-            _integer("max_nfe", _DEFAULT_MAX_NFE if max_nfe is None else max_nfe, order),
-        )
-        for name, v in zip(("atol", "rtol", "h_init", "theta", "t_err"), adaptive[:5]):
-            if v <= 0:
-                raise ValueError(f"{name} must be > 0; got {v}")
-        if return_intermediate:
-            raise ValueError("return_intermediate is not available for method='adaptive' (its step count is dynamic)")
-    else:
-        adaptive = ()
-    if timesteps is not None and method not in ("multistep", "unipc"):
-        raise ValueError(f"timesteps is supported for method='multistep' and 'unipc'; got method={method!r}")
-    if thresholding and not algorithm.endswith("++"):
-        raise ValueError("thresholding=True needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
-    ratio = _real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio must be a fraction in (0, 1]; got {ratio}")
-    max_val = _real("thresholding_max_val", thresholding_max_val)
-    if max_val <= 0:
-        raise ValueError(f"thresholding_max_val must be > 0; got {max_val}")
+    return shape
+
+
+def _check_guidance(shape, condition, unconditional_condition, guidance_scale, classifier_fn):
+    """Guidance mode ``"none" | "cfg" | "classifier"`` after checking its arguments."""
     if unconditional_condition is not None and condition is None:
         raise ValueError("unconditional_condition needs condition (classifier-free guidance)")
     if unconditional_condition is not None and classifier_fn is not None:
         raise ValueError("use either classifier-free guidance (unconditional_condition) or classifier_fn, not both")
     if classifier_fn is not None and not callable(classifier_fn):
-        raise TypeError("classifier_fn must be callable")
-    if correcting_xt_fn is not None and not callable(correcting_xt_fn):
-        raise TypeError("correcting_xt_fn must be callable")
+        raise TypeError(f"classifier_fn must be callable; got {type(classifier_fn).__name__}")
     guidance = "cfg" if unconditional_condition is not None else ("classifier" if classifier_fn is not None else "none")
-    if guidance == "none" and not isinstance(guidance_scale, jax.core.Tracer):
-        if np.any(np.asarray(guidance_scale) != 1.0):
-            raise ValueError(
-                "guidance_scale != 1 needs unconditional_condition (classifier-free) or classifier_fn (classifier guidance)"
-            )
-    # use_corrector[n]: correct the state at ts[n], i.e. step n (1-based), in scan iteration n
-    # (updates.unipc_plan); n = 0 is unused and the last step (n = steps) is never corrected.
-    use_corrector = np.ones(steps, bool)
-    for i in disable_corrector:
-        i = _integer("disable_corrector entries", i, 1, steps)
-        if i < steps:
-            use_corrector[i] = False
-    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-        raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
-    return _Config(
-        shape=shape, model_type=model_type, algorithm=algorithm, method=method, order=order,
-        steps=steps, skip_type=skip_type, lower_order_final=bool(lower_order_final),
-        denoise_to_zero=bool(denoise_to_zero), solver_type=solver_type,
-        thresholding=bool(thresholding), thresholding_max_val=max_val,
-        dynamic_thresholding_ratio=ratio, return_intermediate=bool(return_intermediate),
-        guidance=guidance, has_condition=condition is not None, variant=variant,
-        use_corrector=tuple(bool(u) for u in use_corrector), return_info=bool(return_info),
-        custom_grid=timesteps is not None, adaptive=adaptive, sharded=sharding is not None,
-    )
+    if guidance == "cfg":
+        c_leaves, c_def = jax.tree_util.tree_flatten(condition)
+        u_leaves, u_def = jax.tree_util.tree_flatten(unconditional_condition)
+        if c_def != u_def:
+            raise ValueError(f"condition and unconditional_condition must have the same structure; got {c_def} and {u_def}")
+        for c, u in zip(c_leaves, u_leaves):
+            cs, us = tuple(jnp.shape(c)), tuple(jnp.shape(u))
+            if len(cs) < 1 or cs[0] != shape[0]:
+                raise ValueError(f"condition leaves must have the batch size {shape[0]} as leading axis (they are "
+                                 f"concatenated with unconditional_condition); got shape {cs}")
+            if cs != us:
+                raise ValueError(f"condition and unconditional_condition leaves must have the same shape; got {cs} and {us}")
+    if isinstance(guidance_scale, jax.core.Tracer):
+        if guidance == "none":
+            raise ValueError("guidance_scale is traced but no guidance is configured: give unconditional_condition "
+                             "(classifier-free) or classifier_fn (classifier guidance)")
+        if jnp.ndim(guidance_scale) != 0:
+            raise ValueError(f"guidance_scale must be a scalar; got shape {jnp.shape(guidance_scale)} "
+                             "(for one scale per sample, vmap over sample)")
+        return guidance
+    if guidance_scale is None or isinstance(guidance_scale, (str, bytes, bool)):
+        raise TypeError(f"guidance_scale must be a real number; got {guidance_scale!r}")
+    try:
+        g = np.asarray(guidance_scale, np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"guidance_scale must be a real number; got {guidance_scale!r}") from None
+    if g.ndim != 0:
+        raise ValueError(f"guidance_scale must be a scalar; got shape {g.shape} (for one scale per sample, vmap "
+                         "over sample)")
+    if not np.isfinite(g):
+        raise ValueError(f"guidance_scale must be finite; got {float(g)}")
+    if guidance == "none" and g != 1.0:
+        raise ValueError(
+            "guidance_scale != 1 needs unconditional_condition (classifier-free) or classifier_fn (classifier guidance)"
+        )
+    return guidance
+
+
+def _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe, t_start, t_end):
+    if order not in (2, 3):
+        raise ValueError(f"method='adaptive' needs order 2 or 3; got order={order}")
+    vals = {n: _solvers._real(n, v) for n, v in
+            dict(atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err).items()}
+    for name, v in vals.items():
+        if v <= 0:
+            raise ValueError(f"{name} must be > 0; got {v}")
+    if vals["theta"] > 1:
+        raise ValueError(f"theta (the step-size safety factor) must be in (0, 1]; got {vals['theta']}")
+    if not _solvers._is_traced((t_start, t_end)):
+        span = float(t_start) - float(t_end)
+        if vals["t_err"] > 0.01 * span:
+            raise ValueError(f"t_err (how close to t_end counts as finished, in time) must be at most 1% of the "
+                             f"interval t_start - t_end = {span:g}; got {vals['t_err']}")
+    max_nfe = _solvers._integer("max_nfe", _DEFAULT_MAX_NFE if max_nfe is None else max_nfe, order, _MAX_MAX_NFE)
+    return tuple(vals[n] for n in ("atol", "rtol", "h_init", "theta", "t_err")) + (max_nfe,)
 
 
 def sample(
@@ -271,6 +165,7 @@ def sample(
     max_nfe: Optional[int] = None,
     return_info: bool = False,
     sharding: Optional[jax.sharding.Sharding] = None,
+    orders: Optional[tuple] = None,
 ):
     """Sample a diffusion model by solving its probability-flow ODE (or diffusion SDE) from ``t_start`` to ``t_end``.
 
@@ -299,11 +194,16 @@ def sample(
         ``"adaptive"`` (DPM-Solver-12/23 with ``atol``, ``rtol``, ``h_init``, ``theta``,
         ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000).
       order: 1, 2 or 3 (1 is DDIM).
-      steps: the number of model evaluations (NFE), plus one with ``denoise_to_zero``.
+      steps: the number of model evaluations (NFE), plus one with ``denoise_to_zero``
+        (``"singlestep_fixed"``, as in the reference implementation, takes ``steps // order``
+        steps of ``order`` evaluations each: ``steps // order * order``, which
+        ``return_info``'s ``"nfe"`` reports).
       skip_type: time grid: ``"time_uniform"``, ``"logSNR"``, ``"time_quadratic"``,
         ``"karras"`` or ``"edm"`` (see :func:`dpmjax.time_grid`).
-      t_start, t_end: integration interval, ``0 < t_end < t_start <= schedule.T``; defaults
-        ``schedule.T`` and ``schedule.t_eps`` (``1/N`` discrete, ``1e-3`` continuous).
+      t_start, t_end: integration interval, ``0 < t_end < t_start <= schedule.T`` (a discrete
+        schedule starts at ``t_eps = 1/N``); defaults ``schedule.T`` and ``schedule.t_eps``
+        (``1/N`` discrete, ``1e-3`` continuous). Python floats (checked to be distinct in the
+        dtype the solver computes in) or traced scalars (not checked). Not with ``timesteps``.
       lower_order_final: lower the order of the last steps (multistep: only for
         ``steps < 10``; UniPC: always), which stabilises very few steps.
       denoise_to_zero: return the data prediction at ``t_end`` (one more NFE).
@@ -311,7 +211,8 @@ def sample(
       thresholding: dynamic thresholding of the data prediction (``"++"`` only),
         with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction).
       correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step
-        (in user scale, like ``noise`` and the result: VE scale for ``EDM``).
+        (in user scale, like ``noise`` and the result: VE scale for ``EDM``); it must return
+        an array of ``x``'s shape. Not for ``method="adaptive"``.
       noise: the starting ``x_T`` of shape ``shape`` (overrides ``key`` for ``x_T``).
       return_intermediate: also return the states on the time grid, ``(n_states, *shape)``.
       condition, unconditional_condition, guidance_scale: classifier-free guidance,
@@ -322,15 +223,30 @@ def sample(
         per-sample log-probabilities; ``eps <- eps - guidance_scale sigma_t grad_x log p``.
       variant: UniPC's ``"bh1"`` or ``"bh2"``.
       disable_corrector: UniPC steps (1-based) whose corrector is skipped.
+
+      Options that do not apply to ``method`` (``variant`` without UniPC, ``atol`` without
+      ``"adaptive"``, ...) raise ``ValueError`` when given a value other than their default.
       timesteps: a strictly decreasing grid of ``steps + 1`` times in ``(0, T]`` replacing
-        the built-in one (multistep and UniPC), or a :class:`dpmjax.FittedGrid` (what
-        :func:`dpmjax.fit_timesteps` returns); traced, so new values never recompile.
-      model_timesteps: optional ``steps`` times in ``(0, T]`` (solver time) given to the
-        network at each evaluation instead of the step's own time (multistep and UniPC;
-        Xia et al. 2024, arXiv:2310.09469). The update formulas keep the grid's times, and
-        the ``denoise_to_zero`` evaluation keeps ``t_end``. Traced, like ``timesteps``.
+        the built-in one (multistep, UniPC and singlestep, whose outer steps end at the
+        indices ``cumsum([0] + orders)`` with inner points at the grid points between), or a
+        :class:`dpmjax.FittedGrid` (what :func:`dpmjax.fit_timesteps` returns); traced, so
+        new values never recompile. Its last entry may be exactly ``0`` (sigma = 0): the last
+        step is then the first-order update's limit, the data prediction at the last
+        evaluation, with no extra model call (diffusers' ``final_sigmas_type="zero"``).
+      model_timesteps: optional times (solver time, in ``(0, T]``), one per model evaluation,
+        given to the network instead of the evaluation's own time (Xia et al. 2024,
+        arXiv:2310.09469). The update formulas keep the grid's times, and the
+        ``denoise_to_zero`` evaluation keeps ``t_end``. Traced, like ``timesteps``.
+      orders: optional per-step orders (multistep, unipc; each at most ``order`` and at most
+        the step's 1-based index) or per-outer-step orders (singlestep, summing to
+        ``steps``) in place of the built-in rules.
+      atol, rtol, h_init, theta, t_err, max_nfe: the adaptive solver's tolerances, first step
+        (in lambda), safety factor (in ``(0, 1]``), end tolerance (in time, at most 1 % of
+        the interval) and bound on model evaluations (default 10000). An adaptive solve that
+        stops at ``max_nfe`` (or whose error estimate is not finite) before reaching
+        ``t_end`` returns NaN, never an unfinished state as a sample; ``return_info`` says why.
       return_info: also return a dict with ``"nfe"`` (and, for ``method="adaptive"``,
-        ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"t_final"``).
+        ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"finished"``, ``"t_final"``).
       sharding: a :class:`jax.sharding.Sharding` for ``x_T`` and the result (e.g. a
         ``NamedSharding`` over the batch axis); by default a sharded ``noise``'s own.
 
@@ -346,53 +262,239 @@ def sample(
                           schedule=schedule, algorithm="dpmsolver++", method="multistep",
                           order=2, steps=15, skip_type="logSNR")
     """
-    config = _configure(
-        model_fn, schedule, shape, model_type=model_type, algorithm=algorithm, method=method,
-        order=order, steps=steps, skip_type=skip_type, lower_order_final=lower_order_final,
-        denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
-        thresholding_max_val=thresholding_max_val, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-        correcting_xt_fn=correcting_xt_fn, return_intermediate=return_intermediate, condition=condition,
-        unconditional_condition=unconditional_condition, guidance_scale=guidance_scale,
-        classifier_fn=classifier_fn, variant=variant, disable_corrector=disable_corrector,
-        return_info=return_info, timesteps=timesteps, atol=atol, rtol=rtol, h_init=h_init,
-        theta=theta, t_err=t_err, max_nfe=max_nfe, sharding=sharding,
-    )
-    t_start, t_end = _resolve_times(schedule, t_start, t_end)
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
+    shape = _check_shape(shape)
+    _solvers._choice("method", method, METHODS)
+    if correcting_xt_fn is not None and not callable(correcting_xt_fn):
+        raise TypeError(f"correcting_xt_fn must be callable; got {type(correcting_xt_fn).__name__}")
+    return_intermediate = _solvers._boolean("return_intermediate", return_intermediate)
+    return_info = _solvers._boolean("return_info", return_info)
+    guidance = _check_guidance(shape, condition, unconditional_condition, guidance_scale, classifier_fn)
     if isinstance(timesteps, _ts.FittedGrid):
         if timesteps.model_timesteps is not None and model_timesteps is not None:
             raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
         timesteps, model_timesteps = timesteps.timesteps, (
             timesteps.model_timesteps if model_timesteps is None else model_timesteps)
-    if timesteps is not None:
-        _check_times("timesteps", timesteps, schedule, (config.steps + 1, "steps + 1"), "decreasing")
-    if model_timesteps is not None:
-        if config.method not in ("multistep", "unipc"):
-            raise ValueError(f"model_timesteps is supported for method='multistep' and 'unipc'; got method={method!r}")
-        _check_times("model_timesteps", model_timesteps, schedule, (config.steps, "steps"))
+    if timesteps is not None and (t_start is not None or t_end is not None):
+        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end, "
+                         "not both")
+    adaptive_given = dict(atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe)
+    if method == "adaptive":
+        _solvers.reject_inapplicable(method, dict(lower_order_final=lower_order_final, variant=variant,
+                                                  disable_corrector=disable_corrector, orders=orders))
+        for name, v in (("timesteps", timesteps), ("model_timesteps", model_timesteps)):
+            if v is not None:
+                raise ValueError(f"{name} cannot be combined with method='adaptive' (it chooses its own steps)")
+        if return_intermediate:
+            raise ValueError("return_intermediate is not available for method='adaptive' (its step count is dynamic)")
+        if correcting_xt_fn is not None:
+            raise ValueError("correcting_xt_fn is not available for method='adaptive' (its steps are rejected and "
+                             "retried); use a fixed-step method")
+    else:
+        for name, v in adaptive_given.items():
+            if v != _ADAPTIVE_DEFAULTS[name]:
+                raise ValueError(f"{name}={v!r} does not apply to method={method!r} (it is an option of "
+                                 "method='adaptive'); remove it")
+    # The solver's options (checked the same way for the adaptive method, whose stages are
+    # those of singlestep): under classifier guidance the solver is fed guided noise.
+    opts = _solvers.make_options(
+        schedule, model_type=model_type, algorithm=algorithm,
+        method="singlestep" if method == "adaptive" else method, order=order,
+        steps=max(steps, order) if method == "adaptive" and isinstance(steps, int) else steps,
+        skip_type=skip_type, denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
+        thresholding_max_val=thresholding_max_val, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        timesteps=timesteps, model_timesteps=model_timesteps,
+        **(dict(lower_order_final=True, variant="bh2", disable_corrector=(), orders=None) if method == "adaptive" else
+           dict(lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector,
+                orders=orders)),
+    )
+    if guidance == "classifier":
+        opts = dataclasses.replace(opts, model_type="noise")
+    if timesteps is None:
+        t_start, t_end = _solvers.resolve_times(schedule, t_start, t_end)
+    _solvers.check_grid(opts, schedule, timesteps, model_timesteps)
     if noise is None:
-        if key is None:
-            raise ValueError("key must be a PRNG key when noise is None")
-    elif tuple(jnp.shape(noise)) != config.shape:
-        raise ValueError(f"noise must have shape {config.shape} (the shape argument); got {tuple(jnp.shape(noise))}")
-    if config.stochastic and key is None:
+        check_key("key", key)
+    else:
+        if tuple(jnp.shape(noise)) != shape:
+            raise ValueError(f"noise must have shape {shape} (the shape argument); got {tuple(jnp.shape(noise))}")
+        if opts.stochastic:
+            check_key("key", key)
+        elif key is not None:
+            check_key("key", key)
+    if opts.stochastic and key is None:
         raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
     if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None), jax.sharding.NamedSharding):
         sharding = noise.sharding
-        config = dataclasses.replace(config, sharded=True)
-    dtype = jnp.result_type(float)
-    return _sample_jit(
-        config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
-        condition, unconditional_condition, _host_scalar(guidance_scale, dtype),
-        np.asarray(t_start, dtype), np.asarray(t_end, dtype),
-        None if timesteps is None else _host_scalar(timesteps, dtype),
-        None if model_timesteps is None else _host_scalar(model_timesteps, dtype),
+    host = _solvers._host
+    run = _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=opts.stochastic,
+               return_intermediate=return_intermediate, return_info=return_info)
+    dtype = _solvers.compute_dtype()
+    scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
+    if method == "adaptive":
+        run = dataclasses.replace(run, adaptive=(
+            order, opts.predict_data, solver_type, opts.thresholding, opts.dynamic_thresholding_ratio,
+            opts.thresholding_max_val) + _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe,
+                                                          t_start, t_end))
+        return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
+                             noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
+    solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps))
+    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
+                       condition, unconditional_condition, scale)
+
+
+def _model_caller(run: _Run, model_fn, classifier_fn, schedule, params, condition, uncond, scale):
+    """``call(x_in, t_in, y, alpha, sigma)``: the network output fed to the solver, with
+    classifier-free guidance (one batched call on ``[uncond, cond]``; the conditional call
+    alone at scale 1) or classifier guidance (the guided noise prediction)."""
+    dtype = _solvers.compute_dtype()
+
+    def net(x, t, cond):
+        out = model_fn(params, x, t) if cond is None else model_fn(params, x, t, cond)
+        if not hasattr(out, "shape") or not hasattr(out, "dtype"):
+            raise TypeError(f"model_fn must return an array of its input's shape {x.shape}; got "
+                            f"{type(out).__name__}")
+        if tuple(out.shape) != tuple(x.shape):
+            raise ValueError(f"model_fn output shape {tuple(out.shape)} != its input's shape {tuple(x.shape)}")
+        return jnp.asarray(out).astype(dtype)
+
+    def raw(x, t):
+        if run.guidance == "classifier":
+            return net(x, t, None)  # the noise model is unconditional; the classifier takes the condition
+        if run.guidance != "cfg":
+            return net(x, t, condition)
+
+        def guided(_):
+            both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], 0), uncond, condition)
+            out = net(jnp.concatenate([x, x], 0), jnp.concatenate([t, t], 0), both)
+            out_u, out_c = jnp.split(out, 2, axis=0)
+            return out_u + scale * (out_c - out_u)
+
+        return jax.lax.cond(scale == 1.0, lambda _: net(x, t, condition), guided, None)
+
+    def call(x_in, t_in, y, alpha, sigma, in_scale):
+        out = raw(x_in, t_in)
+        if run.guidance == "classifier":
+            eps = _models.to_noise(out, y, alpha, sigma, run.model_type)
+            grad = _models.classifier_gradient(classifier_fn, x_in, t_in, condition).astype(dtype)
+            # grad_x_solver log p = grad_x_user log p / state_scale
+            out = eps - scale * sigma * grad / in_scale
+        return out
+
+    return call
+
+
+def _user_correcting(correcting_xt_fn, schedule):
+    """``correcting_xt_fn`` in solver scale: it sees and returns user-scale states."""
+
+    def correct(x, t, step):
+        sc = schedule.state_scale(t)
+        out = correcting_xt_fn(x / sc, t, step)
+        if not hasattr(out, "shape") or tuple(out.shape) != tuple(x.shape):
+            raise ValueError(f"correcting_xt_fn must return an array of the state's shape {tuple(x.shape)}; got "
+                             + (f"shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__))
+        return jnp.asarray(out).astype(x.dtype) * sc
+
+    return correct
+
+
+def _initial(run: _Run, schedule, key, noise, t_start, sharding):
+    """``(x_T, key of the steps)``: ``x_T`` in user scale."""
+    dtype = _solvers.compute_dtype()
+    key_steps = None
+    if key is not None and run.stochastic:
+        key, key_steps = jax.random.split(key)
+    if noise is None:
+        x_T = jax.random.normal(key, run.shape, dtype) * schedule.prior_std(t_start)
+    else:
+        x_T = jnp.asarray(noise).astype(dtype)
+    if sharding is not None:
+        x_T = jax.lax.with_sharding_constraint(x_T, sharding)
+    return x_T, key_steps
+
+
+def _outputs(run: _Run, result, states, info, sharding):
+    if sharding is not None:
+        result = jax.lax.with_sharding_constraint(result, sharding)
+    out = (result,)
+    if run.return_intermediate:
+        out += (states,)
+    if run.return_info:
+        out += (info,)
+    return out[0] if len(out) == 1 else out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
+                condition, uncond, scale):
+    plan, layout = solver.plan, solver.layout
+    dtype = plan.ax.dtype
+    scale = jnp.asarray(scale, dtype)
+    x_T, key_steps = _initial(run, schedule, key, noise, plan.t_eval[0], sharding)
+    call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
+    correct = None if correcting_xt_fn is None else _user_correcting(correcting_xt_fn, schedule)
+    has_y = plan.ay is not None
+
+    def body(state, inp):
+        row, flags = inp
+        x_in, t_in = solver._inputs(state, row)
+        y = state.x if state.y is None else state.y
+        out = call(x_in, t_in, y, row.alpha, row.sigma, row.in_scale)
+        state = solver._advance(state, out, row, correct=correct, flags=flags)
+        saved = None
+        if run.return_intermediate:
+            saved = (state.x / schedule.state_scale(row.t_state),
+                     state.y / schedule.state_scale(row.t_y) if has_y else None)
+        return state, saved
+
+    flags = (jnp.asarray(layout.x_step, jnp.int32), jnp.asarray(layout.y_step, jnp.int32))
+    state, saved = jax.lax.scan(body, solver.init(x_T, key=key_steps), (plan, flags))
+    states = None
+    if run.return_intermediate:
+        picks = sorted([(k, 0, r) for r, k in enumerate(layout.x_step) if k > 0]
+                       + [(k, 1, r) for r, k in enumerate(layout.y_step) if k > 0])
+        states = jnp.stack([x_T] + [saved[which][r] for _, which, r in picks])
+    info = {"nfe": jnp.asarray(solver.num_evals, jnp.int32)}
+    return _outputs(run, solver.result(state), states, info, sharding)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key, noise,
+                  condition, uncond, scale, t_start, t_end):
+    (order, predict_data, solver_type, thresholding, ratio, max_val,
+     atol, rtol, h_init, theta, t_err, max_nfe) = run.adaptive
+    dtype = _solvers.compute_dtype()
+    scale = jnp.asarray(scale, dtype)
+    t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
+    x_T, _ = _initial(run, schedule, key, noise, t_start, sharding)
+    call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
+    model_type = "noise" if run.guidance == "classifier" else run.model_type
+
+    def predict(x, t, data=predict_data):
+        alpha, sigma, sc = schedule.alpha(t), schedule.sigma(t), schedule.state_scale(t)
+        x_in = x / sc
+        out = call(x_in, jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype), x, alpha, sigma, sc)
+        m = (_models.to_data if data else _models.to_noise)(out, x, alpha, sigma, model_type)
+        if data and thresholding:
+            m = _models.dynamic_threshold(m, ratio, max_val)
+        return m
+
+    x = x_T * schedule.state_scale(t_start)
+    y, info = _adaptive.adaptive_solve(
+        predict, schedule, x, t_start, t_end, order=order, predict_data=predict_data, solver_type=solver_type,
+        atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe,
     )
-
-
-def _host_scalar(v, dtype):
-    """Python/NumPy values stay on the host (an eager ``jnp.asarray`` is a dispatched op,
-    ~100 us each on CPU); JAX arrays and tracers pass through (cast inside the jit)."""
-    return v if isinstance(v, (jax.Array, jax.core.Tracer)) else np.asarray(v, dtype)
+    if denoise_to_zero:
+        result = predict(y, info["t_final"], data=True)
+        info["nfe"] = info["nfe"] + 1
+    else:
+        result = y / schedule.state_scale(info["t_final"])
+    # Never an unfinished solution as a sample: NaN unless the solve reached t_end.
+    result = jnp.where(info["finished"], result, jnp.nan)
+    return _outputs(run, result, None, info, sharding)
 
 
 def invert(
@@ -403,12 +505,28 @@ def invert(
     schedule: NoiseSchedule,
     t_start: Optional[float] = None,
     t_end: Optional[float] = None,
+    model_type: str = "noise",
     algorithm: str = "dpmsolver++",
     method: str = "multistep",
     order: int = 2,
     steps: int = 20,
     skip_type: str = "time_uniform",
-    **kwargs,
+    lower_order_final: bool = True,
+    solver_type: str = "dpmsolver",
+    thresholding: bool = False,
+    thresholding_max_val: float = 1.0,
+    dynamic_thresholding_ratio: float = 0.995,
+    correcting_xt_fn: Optional[Callable] = None,
+    return_intermediate: bool = False,
+    condition: Any = None,
+    unconditional_condition: Any = None,
+    guidance_scale=1.0,
+    classifier_fn: Optional[Callable] = None,
+    variant: str = "bh2",
+    disable_corrector=(),
+    timesteps: Optional[jax.Array] = None,
+    orders: Optional[tuple] = None,
+    return_info: bool = False,
 ):
     """ODE encoding: run the same solvers backwards, from ``t_start`` (default
     ``schedule.t_eps``) *up* to ``t_end`` (default ``schedule.T``), mapping data to noise.
@@ -416,317 +534,81 @@ def invert(
     The exponential-integrator formulas hold for negative steps in lambda, so the
     updates are exactly those of :func:`sample` on the reversed grid;
     ``sample(..., noise=invert(x))`` returns ``x`` up to the solver's error on both legs.
-    Takes the deterministic options of :func:`sample` (model_type, solver_type, guidance,
-    ``lower_order_final``, ``return_intermediate``, ``return_info``, ``timesteps``
-    (increasing) ...); not ``method="adaptive"``, SDE algorithms or ``denoise_to_zero``.
+    Takes the deterministic fixed-step options of :func:`sample` (same meaning);
+    ``timesteps`` is then a strictly *increasing* grid of ``steps + 1`` times (a plain
+    array: a :class:`dpmjax.FittedGrid`'s network times belong to the sampling direction).
 
     Example::
 
         z = dpmjax.invert(model_fn, params, x, schedule=schedule, steps=50)
         x_again = dpmjax.sample(model_fn, params, None, x.shape, schedule=schedule, noise=z, steps=50)
     """
-    if method == "adaptive" or str(algorithm).startswith("sde-") or kwargs.get("denoise_to_zero"):
-        raise ValueError("invert supports deterministic fixed-step methods only (no method='adaptive', "
-                         "no 'sde-' algorithm, no denoise_to_zero)")
-    for k in ("noise", "key", "shape", "sharding"):
-        if k in kwargs:
-            raise TypeError(f"invert() got an unexpected keyword argument {k!r}")
-    sig = _sample_defaults(
-        "model_type", "lower_order_final", "denoise_to_zero", "solver_type", "thresholding",
-        "thresholding_max_val", "dynamic_thresholding_ratio", "correcting_xt_fn", "return_intermediate",
-        "condition", "unconditional_condition", "guidance_scale", "classifier_fn", "variant",
-        "disable_corrector", "return_info", "timesteps", "atol", "rtol", "h_init", "theta", "t_err", "max_nfe",
-    )
-    unknown = set(kwargs) - set(sig)
-    if unknown:
-        raise TypeError(f"invert() got unexpected keyword arguments {sorted(unknown)}")
-    sig.update(kwargs)
-    x0 = jnp.asarray(x0)
-    config = _configure(
-        model_fn, schedule, x0.shape, algorithm=algorithm, method=method, order=order, steps=steps,
-        skip_type=skip_type, sharding=None, **sig,
-    )
-    lo = schedule.t_eps if t_start is None else _real("t_start", t_start)
-    hi = schedule.T if t_end is None else _real("t_end", t_end)
-    _resolve_times(schedule, hi, lo)  # same rules with the roles swapped: 0 < lo < hi <= T
-    timesteps = sig["timesteps"]
+    if not callable(model_fn):
+        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
+    if method == "adaptive" or (isinstance(algorithm, str) and algorithm.startswith("sde-")):
+        raise ValueError("invert supports deterministic fixed-step methods only (method in 'multistep', 'singlestep', "
+                         "'singlestep_fixed', 'unipc'; algorithm 'dpmsolver++' or 'dpmsolver')")
     if isinstance(timesteps, _ts.FittedGrid):
         raise ValueError("invert takes timesteps as a plain increasing array, not a FittedGrid "
                          "(its model_timesteps belong to the sampling direction)")
-    if timesteps is not None:
-        _check_times("timesteps", timesteps, schedule, (config.steps + 1, "steps + 1"), "increasing")
-    dtype = jnp.result_type(float)
-    return _sample_jit(
-        config, model_fn, sig["classifier_fn"], sig["correcting_xt_fn"], None, schedule, params, None, x0,
-        sig["condition"], sig["unconditional_condition"], _host_scalar(sig["guidance_scale"], dtype),
-        np.asarray(lo, dtype), np.asarray(hi, dtype),
-        None if timesteps is None else _host_scalar(timesteps, dtype), None,
+    if correcting_xt_fn is not None and not callable(correcting_xt_fn):
+        raise TypeError(f"correcting_xt_fn must be callable; got {type(correcting_xt_fn).__name__}")
+    x0 = jnp.asarray(x0)
+    shape = _check_shape(x0.shape)
+    guidance = _check_guidance(shape, condition, unconditional_condition, guidance_scale, classifier_fn)
+    opts = _solvers.make_options(
+        schedule, model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps,
+        skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=False, solver_type=solver_type,
+        thresholding=thresholding, thresholding_max_val=thresholding_max_val,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
+        orders=orders, timesteps=timesteps,
     )
-
-
-def _sample_defaults(*names):
-    """``sample``'s keyword defaults for ``names`` (one source of truth for ``invert`` and
-    ``fit_timesteps``, which configure the same solvers)."""
-    params = inspect.signature(sample).parameters
-    return {n: params[n].default for n in names}
+    if guidance == "classifier":
+        opts = dataclasses.replace(opts, model_type="noise")
+    if timesteps is not None:
+        if t_start is not None or t_end is not None:
+            raise ValueError("give either timesteps (its first and last entries are the end points) or "
+                             "t_start/t_end, not both")
+        _solvers.check_grid(opts, schedule, timesteps, None, direction="increasing")
+        lo = hi = None
+    else:
+        # invert integrates upwards: t_start < t_end. Checked with the sampling rules
+        # (first argument the larger time) but reported under invert's own names.
+        hi, lo = _solvers.resolve_times(schedule, schedule.T if t_end is None else t_end,
+                                        schedule.t_eps if t_start is None else t_start, names=("t_end", "t_start"))
+    host = _solvers._host
+    run = _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=False,
+               return_intermediate=_solvers._boolean("return_intermediate", return_intermediate),
+               return_info=_solvers._boolean("return_info", return_info))
+    dtype = _solvers.compute_dtype()
+    scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
+    solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps), None)
+    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, None, solver, schedule, params, None, x0,
+                       condition, unconditional_condition, scale)
 
 
 def add_noise(schedule: NoiseSchedule, x0, t, key):
     """Draw ``x_t ~ q(x_t | x0)``: ``alpha_t x0 + sigma_t eps`` (user scale: ``x0 + sigma eps``
-    for :class:`dpmjax.EDM`). ``t`` is a scalar or a per-sample ``(B,)`` array of times.
+    for :class:`dpmjax.EDM`). ``t`` is a scalar or a per-sample ``(B,)`` array of times in
+    ``(0, T]``.
 
     Returns ``(x_t, eps)``.
     """
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
-    dtype = jnp.result_type(float)
+    check_key("key", key)
+    dtype = _solvers.compute_dtype()
     x0 = jnp.asarray(x0, dtype)
+    if x0.ndim < 1:
+        raise ValueError(f"x0 must be a batch (B, ...); got shape {x0.shape}")
+    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != x0.shape[0]):
+        raise ValueError(f"t must be a scalar or one time per sample, shape ({x0.shape[0]},); got shape {jnp.shape(t)}")
+    if not _solvers._is_traced(t):
+        tt = np.asarray(t, np.float64)
+        if not (np.all(np.isfinite(tt)) and np.all(tt > 0) and np.all(tt <= schedule.T)):
+            raise ValueError(f"t must lie in (0, schedule.T = {schedule.T}]; got {tt}")
     t = jnp.asarray(t, dtype)
     eps = jax.random.normal(key, x0.shape, dtype)
     scale = jnp.asarray(schedule.state_scale(t), dtype)
     scale = scale.reshape(scale.shape + (1,) * (x0.ndim - scale.ndim))
     return schedule.marginal(x0, t, eps) / scale, eps
-
-
-def _make_predict(config: _Config, model_fn, classifier_fn, schedule, params, condition, uncond, scale):
-    """``predict(x, t)``: the noise ("dpmsolver") or data ("dpmsolver++") prediction at solver scale."""
-    dtype = jnp.result_type(float)
-
-    def call(x, t_model, cond):
-        out = model_fn(params, x, t_model) if cond is None else model_fn(params, x, t_model, cond)
-        out = jnp.asarray(out)
-        if out.shape != x.shape:
-            raise ValueError(f"model_fn output shape {out.shape} != x shape {x.shape}")
-        return out.astype(dtype)
-
-    def raw(x, t_model):
-        if config.guidance != "cfg":
-            return call(x, t_model, condition)
-
-        def conditional_only(_):
-            return call(x, t_model, condition)
-
-        def guided(_):
-            both = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], 0), uncond, condition)
-            out = call(jnp.concatenate([x, x], 0), jnp.concatenate([t_model, t_model], 0), both)
-            out_u, out_c = jnp.split(out, 2, axis=0)
-            return out_u + scale * (out_c - out_u)
-
-        return jax.lax.cond(scale == 1.0, conditional_only, guided, None)
-
-    def predict(x, t, *, data=None, pre=None):
-        """``pre = (model_time, alpha, sigma)`` at ``t`` when precomputed from the grid."""
-        data = config.predict_data if data is None else data
-        b = x.shape[0]
-        t_m, alpha, sigma = pre if pre is not None else _per_step(schedule, t)
-        t_model = jnp.broadcast_to(t_m, (b,)).astype(dtype)
-        x_in = x / schedule.state_scale(t)  # the network sees user-scale inputs (EDM: VE scale)
-        out = raw(x_in, t_model)
-        if config.guidance == "classifier":
-            eps = _models.to_noise(out, x, alpha, sigma, config.model_type)
-            grad = _models.classifier_gradient(classifier_fn, x_in, t_model, condition).astype(dtype)
-            # grad_x_solver log p = grad_x_user log p / state_scale
-            eps = eps - scale * sigma * grad / schedule.state_scale(t)
-            m = (x - sigma * eps) / alpha if data else eps
-        elif data:
-            m = _models.to_data(out, x, alpha, sigma, config.model_type)
-        else:
-            m = _models.to_noise(out, x, alpha, sigma, config.model_type)
-        if data and config.thresholding:
-            m = _models.dynamic_threshold(m, config.dynamic_thresholding_ratio, config.thresholding_max_val)
-        return m
-
-    return predict
-
-
-def _per_step(schedule, t):
-    """``(model_time, alpha, sigma)`` at time(s) ``t``: what a model call needs from the
-    schedule. The scan driver computes it for the whole grid before the loop."""
-    return schedule.model_time(t), schedule.alpha(t), schedule.sigma(t)
-
-
-def _plan(config: _Config, schedule, t_start, t_end, timesteps):
-    """The coefficient table of the configured method."""
-    kw = dict(predict_data=config.predict_data)
-    if config.method in ("multistep", "unipc"):
-        if timesteps is None:
-            ts = _ts.time_grid(schedule, config.skip_type, t_start, t_end, config.steps)
-        else:
-            ts = timesteps
-        if config.method == "multistep":
-            orders = _ts.multistep_orders(config.order, config.steps, config.lower_order_final)
-            return _up.multistep_plan(
-                schedule, ts, orders, solver_type=config.solver_type, stochastic=config.stochastic, **kw
-            )
-        orders = _ts.unipc_orders(config.order, config.steps, config.lower_order_final)
-        return _up.unipc_plan(
-            schedule, ts, orders, variant=config.variant, use_corrector=np.asarray(config.use_corrector), **kw
-        )
-    if config.method == "singlestep":
-        orders = _ts.singlestep_orders(config.order, config.steps)
-        if config.skip_type == "logSNR":
-            t_outer = _ts.time_grid(schedule, "logSNR", t_start, t_end, len(orders))
-        else:
-            fine = _ts.time_grid(schedule, config.skip_type, t_start, t_end, config.steps)
-            t_outer = fine[np.cumsum([0, *orders])]
-    else:  # singlestep_fixed
-        n_outer = config.steps // config.order
-        orders = (config.order,) * n_outer
-        t_outer = _ts.time_grid(schedule, config.skip_type, t_start, t_end, n_outer)
-    return _up.singlestep_plan(
-        schedule, t_outer, orders, skip_type=config.skip_type, solver_type=config.solver_type, **kw
-    )
-
-
-def _combine(coefs, hist):
-    """``sum_k coefs[k] hist[k]`` (K is static and small: unrolled, fused by XLA)."""
-    out = coefs[0] * hist[0]
-    for k in range(1, hist.shape[0]):
-        out = out + coefs[k] * hist[k]
-    return out
-
-
-def _scan(config, predict, schedule, plan, x_T, key, correcting_xt_fn, t_end, model_ts=None):
-    """The fixed-step driver: one ``lax.scan`` over model evaluations (see dpmjax.updates).
-
-    ``model_ts`` (optional, one per evaluation) replaces the network's time input only.
-
-    Multistep carries ``(x, hist)`` (its evaluation point is ``x``: a separate ``y`` would
-    cost a copy of the state per step); singlestep and UniPC carry ``(x, y, hist)``.
-    """
-    K = plan.cx.shape[1]
-    multistep = config.method == "multistep"
-    unipc = config.method == "unipc"
-    dtype = x_T.dtype
-
-    def body(carry, inp):
-        if multistep:
-            x, hist = carry
-            y = x
-        else:
-            x, y, hist = carry
-        m = predict(y, inp["t_eval"], pre=inp["pre"])
-        hist = jax.lax.dynamic_update_index_in_dim(hist, m, inp["slot"], 0)
-        x_new = inp["ax"] * x + _combine([inp["cx"][k] for k in range(K)], hist)
-        if unipc:
-            x_new = x_new + inp["bx"] * y
-        if config.stochastic:
-            z = jax.random.normal(jax.random.fold_in(key, inp["i"]), x.shape, dtype)
-            x_new = x_new + inp["nz"] * z
-        if correcting_xt_fn is not None:
-            corrected = correcting_xt_fn(x_new, inp["t_state"], inp["step"] + 1)
-            x_new = jnp.where(inp["step_end"], corrected, x_new)
-        out = x_new if config.return_intermediate else None
-        if multistep:
-            return (x_new, hist), out
-        y_new = inp["ay"] * x_new + _combine([inp["cy"][k] for k in range(K)], hist)
-        return (x_new, y_new, hist), out
-
-    n = plan.t_eval.shape[0]
-    pre = _per_step(schedule, plan.t_eval)
-    if model_ts is not None:
-        pre = (schedule.model_time(model_ts),) + pre[1:]
-    inputs = {
-        "t_eval": plan.t_eval,
-        "pre": pre,
-        "slot": plan.slot,
-        "ax": plan.ax,
-        "cx": plan.cx,
-    }
-    if unipc:
-        inputs["bx"] = plan.bx
-    if not multistep:
-        inputs["ay"], inputs["cy"] = plan.ay, plan.cy
-    if config.stochastic:
-        inputs["nz"], inputs["i"] = plan.nz, jnp.arange(n, dtype=jnp.int32)
-    if correcting_xt_fn is not None:
-        inputs["t_state"] = plan.t_state
-        if unipc:  # iteration n's corrected state is the state at ts[n]; none at n = 0
-            inputs["step_end"] = jnp.asarray(np.arange(n) > 0)
-            inputs["step"] = jnp.asarray(plan.step_index - 1, jnp.int32)
-        else:
-            inputs["step_end"] = jnp.asarray(plan.step_end)
-            inputs["step"] = jnp.asarray(plan.step_index, jnp.int32)
-    hist0 = jnp.zeros((K,) + x_T.shape, dtype)
-    if multistep:
-        (y, _), xs = jax.lax.scan(body, (x_T, hist0), inputs)
-    else:
-        (_, y, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
-    if unipc and correcting_xt_fn is not None:
-        y = correcting_xt_fn(y, t_end, config.steps)
-    if not config.return_intermediate:
-        return y, None
-    if multistep:
-        states = jnp.concatenate([x_T[None], xs], 0)
-    elif unipc:
-        states = jnp.concatenate([xs, y[None]], 0)
-    else:
-        states = jnp.concatenate([x_T[None], xs[np.flatnonzero(plan.step_end)]], 0)
-    return y, states
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _sample_jit(config, model_fn, classifier_fn, correcting_xt_fn, sharding, schedule, params, key, noise,
-                condition, uncond, scale, t_start, t_end, timesteps, model_timesteps):
-    dtype = jnp.result_type(float)
-    scale = jnp.asarray(scale, dtype)
-    t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
-    if timesteps is not None:
-        timesteps = jnp.asarray(timesteps, dtype)
-    if model_timesteps is not None:
-        model_timesteps = jnp.asarray(model_timesteps, dtype)
-    if key is not None and config.stochastic:
-        key, key_steps = jax.random.split(key)
-    else:
-        key_steps = None
-    if timesteps is not None:
-        t_start, t_end = timesteps[0], timesteps[-1]
-    if noise is None:
-        x_T = jax.random.normal(key, config.shape, dtype) * schedule.prior_std(t_start)
-    else:
-        x_T = jnp.asarray(noise).astype(dtype)
-    if sharding is not None:
-        x_T = jax.lax.with_sharding_constraint(x_T, sharding)
-    user_scale_end = schedule.state_scale(t_end)
-    x_T = x_T * schedule.state_scale(t_start)  # user scale -> solver (VP) scale
-    predict = _make_predict(config, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
-    if correcting_xt_fn is not None:
-        user_correcting_xt_fn = correcting_xt_fn
-
-        def correcting_xt_fn(x, t, step):  # the hook sees user scale (EDM: VE), like noise= and the result
-            sc = schedule.state_scale(t)
-            return user_correcting_xt_fn(x / sc, t, step) * sc
-    info = {}
-    states = None
-    if config.method == "adaptive":
-        atol, rtol, h_init, theta, t_err, max_nfe = config.adaptive
-        y, info = _adaptive.adaptive_solve(
-            predict, schedule, x_T, t_start, t_end, order=config.order, predict_data=config.predict_data,
-            solver_type=config.solver_type, atol=atol, rtol=rtol, h_init=h_init, theta=theta,
-            t_err=t_err, max_nfe=max_nfe,
-        )
-        user_scale_end = schedule.state_scale(info["t_final"])
-    else:
-        plan = _plan(config, schedule, t_start, t_end, timesteps)
-        y, states = _scan(config, predict, schedule, plan, x_T, key_steps, correcting_xt_fn, t_end, model_timesteps)
-        info["nfe"] = jnp.asarray(plan.t_eval.shape[0], jnp.int32)
-        if states is not None:
-            if config.method == "unipc":
-                scales = jnp.concatenate([plan.t_state, t_end[None]])
-            else:
-                scales = jnp.concatenate([t_start[None], plan.t_state[np.flatnonzero(plan.step_end)]])
-            scales = jnp.asarray(schedule.state_scale(scales), dtype)
-            states = states / jnp.reshape(scales, jnp.shape(scales) + (1,) * len(config.shape))
-    if config.denoise_to_zero:
-        result = predict(y, t_end if config.method != "adaptive" else info["t_final"], data=True)
-        info["nfe"] = info["nfe"] + 1
-    else:
-        result = y / user_scale_end  # solver scale -> user scale
-    if sharding is not None:
-        result = jax.lax.with_sharding_constraint(result, sharding)
-    out = (result,)
-    if config.return_intermediate:
-        out += (states,)
-    if config.return_info:
-        out += (info,)
-    return out[0] if len(out) == 1 else out

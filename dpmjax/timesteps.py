@@ -17,7 +17,6 @@ __all__ = [
     "time_grid",
     "multistep_orders",
     "singlestep_orders",
-    "unipc_orders",
 ]
 
 SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic", "karras", "edm")
@@ -83,28 +82,16 @@ def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
     return ts
 
 
-def multistep_orders(order: int, steps: int, lower_order_final: bool) -> tuple[int, ...]:
-    """Order of each multistep DPM-Solver step (1-based ``i``): warm-up ``min(i, order)``;
-    with ``lower_order_final`` and ``steps < 10``, also at most ``steps + 1 - i``."""
-    orders = []
-    for i in range(1, steps + 1):
-        k = min(i, order)
-        if lower_order_final and steps < 10:
-            k = min(k, steps + 1 - i)
-        orders.append(k)
-    return tuple(orders)
+def multistep_orders(order: int, steps: int, lower_order_final: bool, final_below: Optional[int] = 10) -> tuple[int, ...]:
+    """Order of each multistep step (1-based ``i``): warm-up ``min(i, order)``; with
+    ``lower_order_final`` (and ``steps < final_below``, unless that is ``None``), also at
+    most ``steps + 1 - i``.
 
-
-def unipc_orders(order: int, steps: int, lower_order_final: bool) -> tuple[int, ...]:
-    """UniPC: warm-up ``min(i, order)``; with ``lower_order_final`` at most
-    ``steps + 1 - i`` (no ``steps < 10`` gate, unlike DPM-Solver)."""
-    orders = []
-    for i in range(1, steps + 1):
-        k = min(i, order)
-        if lower_order_final:
-            k = min(k, steps + 1 - i)
-        orders.append(k)
-    return tuple(orders)
+    DPM-Solver gates the lower final orders to ``steps < 10``; UniPC does not
+    (``final_below=None``); diffusers' schedulers gate them at 15.
+    """
+    lower = lower_order_final and (final_below is None or steps < final_below)
+    return tuple(min(i, order, steps + 1 - i) if lower else min(i, order) for i in range(1, steps + 1))
 
 
 def singlestep_orders(order: int, steps: int) -> tuple[int, ...]:

@@ -11,8 +11,14 @@ and every method:
 
     m    = model(y, t_eval)          # one NFE at the evaluation point y
     hist = hist.at[slot].set(m)      # ring buffer of model outputs
-    x    = ax x + bx y + sum_k cx[k] hist[k]     # state update (identity if none)
-    y    = ay x + sum_k cy[k] hist[k]            # next evaluation point
+    x    = ax x + bx y + sum_k cx[k] hist[k] + nz z   # state update (z ~ N(0, I): SDE only)
+    y    = ay x + sum_k cy[k] hist[k]                 # next evaluation point
+
+Multistep methods evaluate at the state itself (no ``y``, ``bx``, ``ay``, ``cy``: those
+fields are ``None``); singlestep methods need ``y`` for their intermediate stages, UniPC
+for its prediction. A final grid point ``t = 0`` (sigma = 0, the clean data) is allowed:
+the step to it is the first-order update's limit (see :func:`zero_limit`), and no
+schedule is ever evaluated at ``t = 0``.
 
 Notation (REFERENCE.md; Lu et al. 2022, 2022b; Zhao et al. 2023). A step goes from
 ``s`` to ``t < s`` with ``h = lambda_t - lambda_s > 0``. For data prediction
@@ -30,71 +36,138 @@ published formulas of both algorithms read the same:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
-from .timesteps import time_grid
-
-__all__ = ["Plan", "multistep_coefficients", "multistep_plan", "singlestep_plan", "unipc_plan", "step_terms"]
+__all__ = [
+    "Plan",
+    "Layout",
+    "step_terms",
+    "zero_limit",
+    "multistep_coefficients",
+    "singlestep_coefficients",
+    "multistep_plan",
+    "singlestep_plan",
+    "unipc_plan",
+]
 
 
 class Plan(NamedTuple):
-    """Per-iteration scan inputs (leading axis: model evaluations) and static layout."""
+    """Per-evaluation tables of a fixed-step solver (leading axis: model evaluations).
 
-    t_eval: jnp.ndarray  # (n,) time of the model evaluation
+    Every field is an array (or ``None`` where the method does not use it), so a plan is a
+    pytree of traced values; its static layout (which rows complete a step) is a
+    :class:`Layout`. The conversion rows (``t_model`` ... ``in_scale``) are filled in by
+    :func:`dpmjax.solver`.
+    """
+
+    t_eval: jnp.ndarray  # (n,) solver time of the model evaluation
     slot: jnp.ndarray  # (n,) int32, ring-buffer slot the output is written to
-    ax: jnp.ndarray  # (n,) state update: x <- ax x + bx y + cx . hist
-    bx: jnp.ndarray  # (n,)
+    ax: jnp.ndarray  # (n,) state update: x <- ax x + bx y + cx . hist + nz z
     cx: jnp.ndarray  # (n, K)
-    ay: jnp.ndarray  # (n,) next evaluation point: y <- ay x + cy . hist
-    cy: jnp.ndarray  # (n, K)
-    t_state: jnp.ndarray  # (n,) time of x after the iteration
-    nz: jnp.ndarray  # (n,) coefficient of fresh N(0, I) noise in the state update (SDE solvers)
-    step_end: np.ndarray  # (n,) bool, static: the iteration completes a step
-    step_index: np.ndarray  # (n,) int, static: 0-based index of the step it belongs to
+    t_state: jnp.ndarray  # (n,) time of x after the row
+    bx: Optional[jnp.ndarray] = None  # (n,)
+    ay: Optional[jnp.ndarray] = None  # (n,) next evaluation point: y <- ay x + cy . hist
+    cy: Optional[jnp.ndarray] = None  # (n, K)
+    nz: Optional[jnp.ndarray] = None  # (n,) coefficient of fresh N(0, I) noise (SDE solvers)
+    t_y: Optional[jnp.ndarray] = None  # (n,) time of y after the row
+    t_model: Optional[jnp.ndarray] = None  # (n,) network time input, schedule.model_time(.)
+    alpha: Optional[jnp.ndarray] = None  # (n,) alpha at t_eval (output conversion)
+    sigma: Optional[jnp.ndarray] = None  # (n,) sigma at t_eval
+    in_scale: Optional[jnp.ndarray] = None  # (n,) network input = y / in_scale (EDM: alpha)
+    x_scale: Optional[jnp.ndarray] = None  # (n,) state scale at t_state (user x = x / x_scale)
 
 
-def step_terms(la_s, ls_s, la_t, ls_t, predict_data: bool):
-    """``A, c, hh, phi1, psi2, psi3`` of the step ``s -> t`` (arrays broadcast)."""
+class Layout(NamedTuple):
+    """Static structure of a plan (Python tuples, one entry per row).
+
+    ``x_step[r] > 0``: after row ``r`` the state ``x`` completes that step (1-based) at
+    ``t_state[r]``; ``y_step[r] > 0``: after row ``r`` the evaluation point ``y`` completes
+    that step at ``t_y[r]`` (UniPC's last, uncorrected step). These drive
+    ``correcting_xt_fn`` and the saved intermediate states for every method alike.
+    """
+
+    x_step: tuple
+    y_step: tuple
+
+
+def step_terms(la_s, ls_s, la_t, ls_t, predict_data: bool, xp=jnp):
+    """``A, c, hh, phi1, psi2, psi3`` of the step ``s -> t`` (arrays broadcast; ``xp`` is
+    ``jax.numpy`` or ``numpy``, for tables computed on the host in float64)."""
     lam_s, lam_t = la_s - ls_s, la_t - ls_t
     h = lam_t - lam_s
     if predict_data:
-        hh, A, c = -h, jnp.exp(ls_t - ls_s), jnp.exp(la_t)
+        hh, A, c = -h, xp.exp(ls_t - ls_s), xp.exp(la_t)
     else:
-        hh, A, c = h, jnp.exp(la_t - la_s), jnp.exp(ls_t)
-    phi1 = jnp.expm1(hh)
+        hh, A, c = h, xp.exp(la_t - la_s), xp.exp(ls_t)
+    phi1 = xp.expm1(hh)
     psi2 = phi1 / hh - 1.0
     psi3 = psi2 / hh - 0.5
     return A, c, hh, phi1, psi2, psi3
 
 
-def _extend_back(v, n):
+def zero_limit(la_s, ls_s, *, predict_data: bool, stochastic: bool = False, xp=jnp):
+    """``(A, c0, nz)`` of the first-order step ``s -> 0`` in the limit ``sigma_t -> 0``
+    (``alpha_t -> 1``, ``h -> inf``): ``x_0 = A x_s + c0 m_s + nz z``.
+
+    * data prediction (ODE and SDE): ``x_0 = m_s`` (the data prediction itself);
+    * noise prediction, ODE: ``x_0 = (x_s - sigma_s eps_s) / alpha_s``;
+    * noise prediction, SDE: ``x_0 = (x_s - 2 sigma_s eps_s + sigma_s z) / alpha_s``
+      (``sigma_t (e^h - 1)`` and ``sigma_t sqrt(e^2h - 1)`` both tend to ``sigma_s/alpha_s``).
+
+    Higher orders have no finite limit (their ``r = h_prev / h`` tends to 0), so a step
+    to ``t = 0`` is always first order.
+    """
+    zero = xp.zeros_like(la_s)
+    if predict_data:
+        return zero, zero + 1.0, zero
+    inv_alpha = xp.exp(-la_s)
+    ratio = xp.exp(ls_s - la_s)
+    if stochastic:
+        return inv_alpha, -2.0 * ratio, ratio
+    return inv_alpha, -ratio, zero
+
+
+def _safe_end(ts, xp=jnp):
+    """``(ts', zero_end)``: a final ``t = 0`` replaced by ``ts[-2] / 2`` (any time strictly
+    between keeps every formula finite; the rows that use it are replaced by
+    :func:`zero_limit`)."""
+    zero_end = ts[..., -1] <= 0
+    last = xp.where(zero_end, 0.5 * ts[..., -2], ts[..., -1])
+    if xp is np:
+        ts = ts.copy()
+        ts[..., -1] = last
+        return ts, zero_end
+    return ts.at[..., -1].set(last), zero_end
+
+
+def _extend_back(v, n, xp=jnp):
     """Prepend ``n`` linearly extrapolated values (keeps padded ratios finite and distinct)."""
     d = v[1] - v[0]
-    pad = v[0] - d * jnp.arange(n, 0, -1, dtype=v.dtype)
-    return jnp.concatenate([pad, v])
+    pad = v[0] - d * xp.arange(n, 0, -1, dtype=v.dtype)
+    return xp.concatenate([pad, v])
 
 
-def _select(orders, *by_order):
+def _select(orders, *by_order, xp=jnp):
     """Pick per row the value computed for that row's order (orders static)."""
     orders = np.asarray(orders)
     out = by_order[0]
     for k, v in enumerate(by_order[1:], start=2):
-        mask = jnp.asarray(orders == k).reshape((-1,) + (1,) * (v.ndim - 1))
-        out = jnp.where(mask, v, out)
+        mask = xp.asarray(orders == k).reshape((-1,) + (1,) * (v.ndim - 1))
+        out = xp.where(mask, v, out)
     return out
 
 
-def _to_slots(coefs, grid_index, K):
+def _to_slots(coefs, grid_index, K, xp=jnp):
     """Scatter coefficients of ``m_j`` (model output at grid index ``grid_index - j``)
     to ring-buffer slots ``(grid_index - j) % K``; returns ``(n, K)``."""
     n = grid_index.shape[0]
-    out = jnp.zeros((n, K), coefs[0].dtype)
+    out = xp.zeros((n, K), coefs[0].dtype)
     for j, c in enumerate(coefs):
         onehot = np.eye(K, dtype=bool)[(grid_index - j) % K]
-        out = out + jnp.where(jnp.asarray(onehot), c[:, None], 0.0)
+        out = out + xp.where(xp.asarray(onehot), c[:, None], 0.0)
     return out
 
 
@@ -109,7 +182,7 @@ def _solve_vandermonde3(r1, r2, b1, b2, b3):
             + c[0] * (a[1] * b[2] - a[2] * b[1])
         )
 
-    one = jnp.ones_like(r1)
+    one = r1 * 0 + 1
     col1, col2, col3, rhs = (one, r1, r1**2), (one, r2, r2**2), (one, one, one), (b1, b2, b3)
     d = det(col1, col2, col3)
     return det(rhs, col2, col3) / d, det(col1, rhs, col3) / d, det(col1, col2, rhs) / d
@@ -119,7 +192,8 @@ def _schedule_logs(schedule, ts):
     return schedule.log_alpha(ts), schedule.log_sigma(ts)
 
 
-def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data, solver_type, stochastic=False):
+def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data, solver_type, stochastic=False,
+                           xp=jnp):
     """Coefficients of one multistep step ``s -> t`` for each order (arrays broadcast).
 
     ``lam_1``, ``lam_2`` are lambda at the two earlier grid points (``m_1``, ``m_2``).
@@ -127,12 +201,12 @@ def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data
     ``x_t = A x_s + o[0] m_0 + o[1] m_1 + o[2] m_2 (+ nz z)`` for the order's tuple ``o``.
     Formulas: see :func:`multistep_plan`.
     """
-    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data)
+    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data, xp)
     lam_s = la_s - ls_s
     h = (la_t - ls_t) - lam_s
     r0 = (lam_s - lam_1) / h
     r1 = (lam_1 - lam_2) / h
-    zero = jnp.zeros_like(h * r0 * r1)
+    zero = xp.zeros_like(h * r0 * r1)
     base = -c * phi1
     if solver_type == "dpmsolver":
         k2 = -0.5 * c * phi1
@@ -141,14 +215,14 @@ def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data
     nz = zero
     if stochastic:
         if predict_data:
-            A = A * jnp.exp(-h)
-            base = -c * jnp.expm1(-2.0 * h)
-            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (jnp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
-            nz = jnp.exp(ls_t) * jnp.sqrt(-jnp.expm1(-2.0 * h))
+            A = A * xp.exp(-h)
+            base = -c * xp.expm1(-2.0 * h)
+            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (xp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+            nz = xp.exp(ls_t) * xp.sqrt(-xp.expm1(-2.0 * h))
         else:
-            base = -2.0 * c * jnp.expm1(h)
-            k2 = -c * jnp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (jnp.expm1(h) / h - 1.0)
-            nz = c * jnp.sqrt(jnp.expm1(2.0 * h))
+            base = -2.0 * c * xp.expm1(h)
+            k2 = -c * xp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (xp.expm1(h) / h - 1.0)
+            nz = c * xp.sqrt(xp.expm1(2.0 * h))
     o1 = (base + zero, zero, zero)
     o2 = (base + k2 / r0, -k2 / r0, zero)
     d10 = (1 / r0, -1 / r0, zero)
@@ -162,7 +236,7 @@ def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data
 
 def multistep_plan(
     schedule, ts, orders, *, predict_data: bool, solver_type: str, stochastic: bool = False
-) -> Plan:
+) -> tuple[Plan, Layout]:
     """Multistep DPM-Solver(++) of the given per-step orders on the grid ``ts`` (steps + 1).
 
     Step ``i`` (``ts[i] -> ts[i+1]``) uses the outputs at ``ts[i], ts[i-1], ts[i-2]``
@@ -182,67 +256,65 @@ def multistep_plan(
     * noise: ``x_t = (alpha_t/alpha_s) x - 2 sigma_t (e^h - 1) m_0 + K D1_0
       + sigma_t sqrt(e^2h - 1) z`` with ``K = -sigma_t (e^h - 1)`` ("dpmsolver") or
       ``K = -2 sigma_t (expm1(h)/h - 1)`` ("taylor").
+
+    A last grid point ``ts[-1] = 0`` makes the last step :func:`zero_limit`.
     """
     steps = len(orders)
     K = max(orders)
+    t_end = ts[-1]
+    ts, zero_end = _safe_end(ts)
     la, ls = _schedule_logs(schedule, ts)
     lam = _extend_back(la - ls, 2)  # lam[k + 2] is lambda at ts[k]
     A, nz, (o1, o2, o3) = multistep_coefficients(
         la[:-1], ls[:-1], la[1:], ls[1:], lam[1:-2], lam[:-3],
         predict_data=predict_data, solver_type=solver_type, stochastic=stochastic,
     )
-    zero = jnp.zeros_like(A)
     coefs = [_select(orders, o1[j], o2[j], o3[j]) for j in range(K)]
+    A0, c0, nz0 = zero_limit(la[-2], ls[-2], predict_data=predict_data, stochastic=stochastic)
+    last = jnp.asarray(np.arange(steps) == steps - 1) & zero_end
+    A = jnp.where(last, A0, A)
+    nz = jnp.where(last, nz0, nz)
+    coefs = [jnp.where(last, c0 if j == 0 else 0.0, c) for j, c in enumerate(coefs)]
     idx = np.arange(steps)
-    cx = _to_slots(coefs, idx, K)
-    ones = jnp.ones_like(A)
-    return Plan(
+    plan = Plan(
         t_eval=ts[:-1],
         slot=jnp.asarray(idx % K, jnp.int32),
         ax=A,
-        bx=zero,
-        cx=cx,
-        ay=ones,
-        cy=jnp.zeros_like(cx),
-        t_state=ts[1:],
-        nz=nz,
-        step_end=np.ones(steps, bool),
-        step_index=idx,
+        cx=_to_slots(coefs, idx, K),
+        t_state=jnp.concatenate([ts[1:-1], t_end[None]]),
+        nz=nz if stochastic else None,
     )
+    return plan, Layout(x_step=tuple(int(i) + 1 for i in idx), y_step=(0,) * steps)
 
 
-def singlestep_plan(schedule, t_outer, orders, *, skip_type: str, predict_data: bool, solver_type: str) -> Plan:
-    """Singlestep DPM-Solver(++) ("DPM-Solver-fast", "singlestep_fixed").
+def singlestep_coefficients(la_s, ls_s, la_t, ls_t, la_1, ls_1, la_2, ls_2, *, predict_data, solver_type, xp=jnp):
+    """Coefficients of one singlestep DPM-Solver(++) step ``s -> t`` with inner points
+    ``s1``, ``s2`` (lambda fractions ``r1``, ``r2``), for orders 1, 2 and 3 (arrays broadcast).
 
-    Outer step ``j`` goes ``t_outer[j] -> t_outer[j+1]`` with ``orders[j]`` model
-    evaluations at ``s`` and at the inner points ``s1`` (``s2``) of a ``skip_type`` grid
-    of ``orders[j]`` intervals between ``s`` and ``t``; ``r1``, ``r2`` are their lambda
-    fractions. Stage outputs are stored in slots 0, 1, 2.
+    Returns ``(A, F, E1, E2)``:
+
+    * ``F = (f1, f2, f3)``: the final update of each order, ``x_t = A x_s + f[0] m_s +
+      f[1] m_s1 + f[2] m_s2``;
+    * ``E1 = (a, (e0, e1, e2))``: the stage-1 point ``x_s1 = a x_s + e . m`` (order-1 step);
+    * ``E2``: the stage-2 point ``x_s2``: order-1 step to ``s2`` ``- (r2/r1) c_s2 psi2(s -> s2)
+      (m_s1 - m_s)``.
+
+    Order 2 ("dpmsolver"): ``- (0.5/r1) c phi1 D``; ("taylor"): ``- (1/r1) c psi2 D``,
+    ``D = m_s1 - m_s``. Order 3 ("dpmsolver"): ``- (1/r2) c psi2 (m_s2 - m_s)``;
+    ("taylor"): ``- c psi2 D1 - c psi3 D2`` with ``D1_0 = (m_s1 - m_s)/r1``,
+    ``D1_1 = (m_s2 - m_s)/r2``, ``D1 = (r2 D1_0 - r1 D1_1)/(r2 - r1)``,
+    ``D2 = 2 (D1_1 - D1_0)/(r2 - r1)``. :func:`dpmjax.sample`'s adaptive solver uses the same
+    coefficients with ``r1 = 1/2`` (order 2) or ``1/3, 2/3`` (order 3).
     """
-    M = len(orders)
-    K = max(orders)
-    s, t = t_outer[:-1], t_outer[1:]
-    s1_2 = time_grid(schedule, skip_type, s, t, 2)[:, 1]
-    g3 = time_grid(schedule, skip_type, s, t, 3)
-    o = np.asarray(orders)
-    s1 = jnp.where(jnp.asarray(o == 2), s1_2, g3[:, 1])
-    s2 = g3[:, 2]
-
-    la_s, ls_s = _schedule_logs(schedule, s)
-    la_t, ls_t = _schedule_logs(schedule, t)
-    la_1, ls_1 = _schedule_logs(schedule, s1)
-    la_2, ls_2 = _schedule_logs(schedule, s2)
     h = (la_t - ls_t) - (la_s - ls_s)
     r1 = ((la_1 - ls_1) - (la_s - ls_s)) / h
     r2 = ((la_2 - ls_2) - (la_s - ls_s)) / h
-    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data)
-    A1, c1, _, phi1_1, _, _ = step_terms(la_s, ls_s, la_1, ls_1, predict_data)
-    A2, c2, _, phi1_2, psi2_2, _ = step_terms(la_s, ls_s, la_2, ls_2, predict_data)
-    zero = jnp.zeros_like(h)
-
-    # Final update of the outer step, coefficients on (m0, m1, m2).
+    A, c, _, phi1, psi2, psi3 = step_terms(la_s, ls_s, la_t, ls_t, predict_data, xp)
+    A1, c1, _, phi1_1, _, _ = step_terms(la_s, ls_s, la_1, ls_1, predict_data, xp)
+    A2, c2, _, phi1_2, psi2_2, _ = step_terms(la_s, ls_s, la_2, ls_2, predict_data, xp)
+    zero = xp.zeros_like(h * r1 * r2)
     base = -c * phi1
-    f1 = (base, zero, zero)
+    f1 = (base + zero, zero, zero)
     k2 = -0.5 * c * phi1 if solver_type == "dpmsolver" else -c * psi2
     f2 = (base - k2 / r1, k2 / r1, zero)
     if solver_type == "dpmsolver":
@@ -253,46 +325,68 @@ def singlestep_plan(schedule, t_outer, orders, *, skip_type: str, predict_data: 
         D1 = tuple((r2 * a - r1 * b) / (r2 - r1) for a, b in zip(d10, d11))
         D2 = tuple(2 * (b - a) / (r2 - r1) for a, b in zip(d10, d11))
         f3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(f1, D1, D2))
-    Fc = jnp.stack([_select(orders, f1[j], f2[j], f3[j]) for j in range(3)], axis=-1)  # (M, 3)
-
-    # Evaluation points: stage 1 = order-1 step to s1; stage 2 = order-1 step to s2
-    # - (r2/r1) c_s2 psi2(s -> s2) (m1 - m0).
-    E1a, E1c = A1, jnp.stack([-c1 * phi1_1, zero, zero], -1)
     q = (r2 / r1) * c2 * psi2_2
-    E2a, E2c = A2, jnp.stack([-c2 * phi1_2 + q, -q, zero], -1)
+    E1 = (A1 + zero, (-c1 * phi1_1 + zero, zero, zero))
+    E2 = (A2 + zero, (-c2 * phi1_2 + q, -q, zero))
+    return A + zero, (f1, f2, f3), E1, E2
+
+
+def singlestep_plan(schedule, t_outer, s1, s2, orders, *, predict_data: bool, solver_type: str) -> tuple[Plan, Layout]:
+    """Singlestep DPM-Solver(++) ("DPM-Solver-fast", "singlestep_fixed").
+
+    Outer step ``j`` goes ``t_outer[j] -> t_outer[j+1]`` with ``orders[j]`` model
+    evaluations: at ``s`` and at the inner points ``s1[j]`` (``s2[j]``), whose lambda
+    fractions are ``r1``, ``r2`` (:func:`singlestep_coefficients`; entries an order does
+    not use are ignored but must be finite times strictly inside the step). Stage outputs
+    are stored in slots 0, 1, 2. A last outer point ``0`` makes the last outer step
+    :func:`zero_limit` from its first evaluation.
+    """
+    M = len(orders)
+    K = max(orders)
+    t_end = t_outer[-1]
+    t_outer, zero_end = _safe_end(t_outer)
+    s, t = t_outer[:-1], t_outer[1:]
+    la_s, ls_s = _schedule_logs(schedule, s)
+    A, F, (E1a, E1c), (E2a, E2c) = singlestep_coefficients(
+        la_s, ls_s, *_schedule_logs(schedule, t), *_schedule_logs(schedule, s1), *_schedule_logs(schedule, s2),
+        predict_data=predict_data, solver_type=solver_type,
+    )
+    Fc = jnp.stack([_select(orders, F[0][j], F[1][j], F[2][j]) for j in range(3)], axis=-1)  # (M, 3)
+    A0, c0, _ = zero_limit(la_s[-1], ls_s[-1], predict_data=predict_data)
+    lastj = jnp.asarray(np.arange(M) == M - 1) & zero_end
+    A = jnp.where(lastj, A0, A)
+    Fc = jnp.where(lastj[:, None], jnp.asarray([1.0, 0.0, 0.0], Fc.dtype) * c0, Fc)
+    E1c, E2c = jnp.stack(E1c, -1), jnp.stack(E2c, -1)
 
     # Expand outer steps into stages (static index arrays).
+    o = np.asarray(orders)
     outer = np.concatenate([np.full(k, j) for j, k in enumerate(orders)])
     stage = np.concatenate([np.arange(k) for k in orders])
     final = stage == o[outer] - 1
     nxt = np.where(final, 0, stage + 1)
-    T_eval = jnp.stack([s, s1, s2], axis=-1)
-    t_eval = T_eval[outer, stage]
+    t_eval = jnp.stack([s, s1, s2], axis=-1)[outer, stage]
+    t_after = jnp.concatenate([t[:-1], t_end[None]])
 
     fin = jnp.asarray(final)
-    ax = jnp.where(fin, A[outer], 1.0)
-    cx = jnp.where(fin[:, None], Fc[outer], 0.0)
     n1, n2 = jnp.asarray(nxt == 1), jnp.asarray(nxt == 2)
     ay = jnp.where(n1, E1a[outer], jnp.where(n2, E2a[outer], 1.0))
-    cy = jnp.where(n1[:, None], E1c[outer], jnp.where(n2[:, None], E2c[outer], 0.0))
-    return Plan(
+    plan = Plan(
         t_eval=t_eval,
         slot=jnp.asarray(stage, jnp.int32),
-        ax=ax,
-        bx=jnp.zeros_like(ax),
-        cx=cx[:, :K],
+        ax=jnp.where(fin, A[outer], 1.0),
+        cx=jnp.where(fin[:, None], Fc[outer], 0.0)[:, :K],
+        t_state=jnp.where(fin, t_after[outer], s[outer]),
         ay=ay,
-        cy=cy[:, :K],
-        t_state=jnp.where(fin, t[outer], s[outer]),
-        nz=jnp.zeros_like(ax),
-        step_end=final,
-        step_index=outer,
+        cy=jnp.where(n1[:, None], E1c[outer], jnp.where(n2[:, None], E2c[outer], 0.0))[:, :K],
+        t_y=jnp.where(n1, s1[outer], jnp.where(n2, s2[outer], jnp.where(fin, t_after[outer], s[outer]))),
     )
+    return plan, Layout(x_step=tuple(int(j) + 1 if f else 0 for j, f in zip(outer, final)),
+                        y_step=(0,) * len(stage))
 
 
 def unipc_plan(
-    schedule, ts, orders, *, predict_data: bool, variant: str, use_corrector: np.ndarray
-) -> Plan:
+    schedule, ts, orders, *, predict_data: bool, variant: str, use_corrector
+) -> tuple[Plan, Layout]:
     """UniPC (Zhao et al. 2023): UniP predictor + UniC corrector, variants ``bh1``/``bh2``.
 
     Step ``i`` goes ``ts[i-1] -> ts[i]`` with order ``k = orders[i-1]``, history
@@ -306,12 +400,18 @@ def unipc_plan(
       ``rho_c = solve(R, b)`` (``[0.5]`` for ``k = 1``), with ``m_t`` the model output at
       ``x_pred``, which is kept in the history: the corrector costs no model call.
 
-    ``R[i-1] = [r_1, ..., r_{k-1}, 1] ** (i-1)``. Iteration ``n`` evaluates the model at
-    the prediction for ``ts[n]``, corrects it (``use_corrector[n]``, never for ``n = 0``)
-    and predicts ``ts[n+1]``. The ring buffer has ``max(orders) + 1`` slots.
+    ``R[i-1] = [r_1, ..., r_{k-1}, 1] ** (i-1)``. Row ``n`` evaluates the model at the
+    prediction ``y`` for ``ts[n]``, corrects it into ``x`` (``use_corrector[n]``, never for
+    ``n = 0``; without a corrector ``x = y``) and predicts ``y`` for ``ts[n+1]``. The ring
+    buffer has ``max(orders) + 1`` slots. The last step is never corrected: its state is
+    ``y`` after the last row (``Layout.y_step``). A last grid point ``0`` makes the last
+    prediction :func:`zero_limit` (bh1's ``B = hh`` has no finite limit there; the
+    first-order limit has none of it).
     """
     steps = len(orders)
     K = max(orders) + 1
+    t_end = ts[-1]
+    ts, zero_end = _safe_end(ts)
     la, ls = _schedule_logs(schedule, ts)
     # Step i = 1..steps, from ts[i-1] to ts[i] (arrays over i, index i - 1).
     A, c, hh, phi1, psi2, psi3 = step_terms(la[:-1], ls[:-1], la[1:], ls[1:], predict_data)
@@ -333,6 +433,10 @@ def unipc_plan(
     rho2 = b1 - rho1
     p3 = (base + cB * (rho1 / r1 + rho2 / r2), -cB * rho1 / r1, -cB * rho2 / r2)
     P = [_select(orders, p1[j], p2[j], p3[j]) for j in range(3)]
+    A0, c0, _ = zero_limit(la[-2], ls[-2], predict_data=predict_data)
+    last = jnp.asarray(np.arange(steps) == steps - 1) & zero_end
+    A = jnp.where(last, A0, A)
+    P = [jnp.where(last, c0 if j == 0 else 0.0, p) for j, p in enumerate(P)]
 
     # Corrector coefficients on (m_t, m0, m1, m2).
     c1 = (-0.5 * cB, base + 0.5 * cB, zero, zero)
@@ -343,8 +447,8 @@ def unipc_plan(
     c3 = (-cB * u3, base + cB * (u1 / r1 + u2 / r2 + u3), -cB * u1 / r1, -cB * u2 / r2)
     C = [_select(orders, c1[j], c2[j], c3[j]) for j in range(4)]
 
-    # Iteration n = 0..steps-1: evaluate at ts[n] (slot n % K); correct step n (arrays
-    # index n - 1); predict step n + 1 (arrays index n).
+    # Row n = 0..steps-1: evaluate at ts[n] (slot n % K); correct step n (arrays index
+    # n - 1); predict step n + 1 (arrays index n).
     n_idx = np.arange(steps)
     corr = np.asarray(use_corrector, bool).copy()
     corr[0] = False
@@ -352,20 +456,18 @@ def unipc_plan(
     C_shift = [jnp.concatenate([v[:1], v[:-1]]) for v in C]
     A_shift = jnp.concatenate([A[:1], A[:-1]])
     cmask = jnp.asarray(corr)
-    cx = _to_slots([jnp.where(cmask, v, 0.0) for v in C_shift[:K]], n_idx, K)
-    ax = jnp.where(cmask, A_shift, 0.0)
-    bx = jnp.where(cmask, 0.0, 1.0)
-    cy = _to_slots(P[: K - 1], n_idx, K)
-    return Plan(
+    plan = Plan(
         t_eval=ts[:-1],
         slot=jnp.asarray(n_idx % K, jnp.int32),
-        ax=ax,
-        bx=bx.astype(ax.dtype),
-        cx=cx,
-        ay=A,
-        cy=cy,
+        ax=jnp.where(cmask, A_shift, 0.0),
+        cx=_to_slots([jnp.where(cmask, v, 0.0) for v in C_shift[:K]], n_idx, K),
         t_state=ts[:-1],
-        nz=jnp.zeros_like(ax),
-        step_end=np.ones(steps, bool),
-        step_index=n_idx,
+        bx=jnp.where(cmask, 0.0, 1.0).astype(A.dtype),
+        ay=A,
+        cy=_to_slots(P[: K - 1], n_idx, K),
+        t_y=jnp.concatenate([ts[1:-1], t_end[None]]),
+    )
+    return plan, Layout(
+        x_step=tuple(int(n) for n in n_idx),  # row 0 completes nothing (x = x_T)
+        y_step=tuple(steps if n == steps - 1 else 0 for n in n_idx),
     )

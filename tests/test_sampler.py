@@ -73,7 +73,19 @@ def gaussian():
     return dpmjax.GaussianMixture.gaussian(jnp.asarray(MEAN), jnp.asarray(STD))
 
 
+#: the options of each method (sample() rejects the others unless they keep their defaults)
+_OPTION_METHODS = {"variant": ("unipc",), "solver_type": ("multistep", "singlestep", "singlestep_fixed", "adaptive"),
+                   "lower_order_final": ("multistep", "unipc")}
+
+
+def applicable(kw):
+    """``kw`` without the options its method does not take (the reference ignores them)."""
+    method = kw.get("method", "multistep")
+    return {k: v for k, v in kw.items() if method in _OPTION_METHODS.get(k, (method,))}
+
+
 def lib_sample(sched, x_T=X_T, gm=None, model_fn=None, **kw):
+    kw = applicable(kw)
     gm = gaussian() if gm is None else gm
     model_fn = model_fn_for(sched) if model_fn is None else model_fn
     out = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=jnp.asarray(x_T), **kw)
