@@ -56,6 +56,7 @@ def provenance(argv=None) -> dict:
         "process_count": jax.process_count(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -65,7 +66,8 @@ def header(prov: dict) -> list[str]:
         f"Command: `{prov['command']}`",
         "",
         f"Commit {prov['commit']} · jax {prov['jax']} · backend {prov['backend']}, {prov['device_count']} x "
-        f"{prov['device_kind']} · Python {prov['python']}, {prov['cpu_count']} CPU cores",
+        f"{prov['device_kind']} · Python {prov['python']}, {prov['cpu_count']} CPU cores"
+        + (f" · load average {prov['load_average']} at start" if prov.get("load_average") is not None else ""),
         "",
     ]
 
