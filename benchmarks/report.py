@@ -34,11 +34,18 @@ def git_commit() -> str:
     return head + (" (with uncommitted changes)" if dirty else "")
 
 
+#: environment variables that change what a run measures, as they were when the script started
+_ENV = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "CUDA_VISIBLE_DEVICES")
+        if os.environ.get(k)}
+
+
 def command(argv=None) -> str:
-    """The command line that ran this script, as the user would type it from the repository root."""
+    """The command line that ran this script, as the user would type it from the repository root
+    (with the JAX/XLA environment variables that were set)."""
     argv = list(sys.argv if argv is None else argv)
     script = os.path.relpath(os.path.abspath(argv[0]), ROOT) if argv and argv[0].endswith(".py") else argv[0]
-    return shlex.join(["python", script, *argv[1:]])
+    env = [f"{k}={shlex.quote(v)}" for k, v in _ENV.items()]
+    return " ".join(env + [shlex.join(["python", script, *argv[1:]])])
 
 
 def provenance(argv=None) -> dict:

@@ -43,4 +43,5 @@ def test_quick_run_on_8_cpu_devices(tmp_path):
     for row in rows:
         assert math.isclose(row["us_per_sample"] * row["samples_per_s"], 1e6, rel_tol=1e-9)
     md = open(tmp_path / "cpu-cpu.md").read()
-    assert "8 x cpu" in md and "Command: `python scripts/bench_accelerator.py --quick" in md
+    assert "8 x cpu" in md and "XLA_FLAGS=--xla_force_host_platform_device_count=8 " in md
+    assert "python scripts/bench_accelerator.py --quick" in md
