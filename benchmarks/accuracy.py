@@ -44,6 +44,8 @@ import time
 
 import numpy as np
 
+from report import command, header, provenance
+
 NFES = (5, 6, 8, 10, 15, 20, 50)
 QUICK_NFES = (5, 10, 20)
 
@@ -278,7 +280,7 @@ def ranking(results, nfe, top=6):
     return sorted(score.items(), key=lambda kv: kv[1])[:top], score
 
 
-def plot(results, nfes, path):
+def plot(results, nfes, path, prov=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,7 +317,10 @@ def plot(results, nfes, path):
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.1 + 0.12 / len(results), 1, 1))
-    fig.savefig(path, dpi=110)
+    meta = {"Software": "dpmjax benchmarks/accuracy.py"}
+    if prov:  # where the numbers came from, in the PNG's text chunks
+        meta["Description"] = "; ".join(f"{k}: {v}" for k, v in prov.items())
+    fig.savefig(path, dpi=110, metadata=meta)
     plt.close(fig)
 
 
@@ -405,11 +410,15 @@ def main(argv=None):
     if args.replot:
         with open(args.replot) as f:
             raw = json.load(f)
+        prov = {}
+        if isinstance(raw, dict):  # {"provenance": ..., "results": [...]}; a bare list from older runs
+            prov, raw = raw.get("provenance", {}), raw["results"]
         results = [{**r, "errors": {tuple(e[:3]): e[3] for e in r["errors"]},
                     "actual_nfe": {tuple(e[:3]): e[3] for e in r["actual_nfe"]}} for r in raw]
         nfes = tuple(sorted({k[2] for k in results[0]["errors"]}))
-        plot(results, nfes, args.replot.replace(".json", ".png"))
+        plot(results, nfes, args.replot.replace(".json", ".png"), {**prov, "redrawn by": command()})
         return 0
+    prov = provenance(None if argv is None else [__file__, *argv])
     t0 = time.perf_counter()
     chosen = [s for s in SCHEDULES if s in args.schedules.split(",")]
     if not chosen:
@@ -426,9 +435,11 @@ def main(argv=None):
     if args.only or args.nfes or len(chosen) < len(SCHEDULES):
         suffix = "_partial"
     with open(os.path.join(args.out, f"accuracy{suffix}.json"), "w") as f:  # raw numbers
-        json.dump([{**r, "errors": [[*k, v] for k, v in r["errors"].items()],
-                    "actual_nfe": [[*k, v] for k, v in r["actual_nfe"].items()]} for r in results], f)
+        json.dump({"provenance": prov,
+                   "results": [{**r, "errors": [[*k, v] for k, v in r["errors"].items()],
+                                "actual_nfe": [[*k, v] for k, v in r["actual_nfe"].items()]} for r in results]}, f)
     lines = report(results, nfes, args, wall)
+    lines = lines[:2] + header(prov) + lines[2:]  # after the title
     text = "\n".join(lines)
     if os.path.exists(RECOMMENDATION_FILE):
         with open(RECOMMENDATION_FILE) as f:
@@ -437,7 +448,7 @@ def main(argv=None):
     png = os.path.join(args.out, f"accuracy{suffix}.png")
     with open(md, "w") as f:
         f.write(text)
-    plot(results, nfes, png)
+    plot(results, nfes, png, prov)
     print(text.split("## VPLinear")[0])
     print(f"written {md} and {png} ({wall:.0f}s)")
     return 0

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import dpmjax  # noqa: E402
 from accuracy import make_problems  # noqa: E402
-from report import write_markdown  # noqa: E402
+from report import provenance, write_markdown  # noqa: E402
 
 
 def energy_distance(x, y):
@@ -84,8 +84,8 @@ def main(argv=None):
             x = dpmjax.sample(model, gm, jax.random.key(3), (n, 2), schedule=s, steps=nfe, skip_type="logSNR", **kw)
             row.append(f"{energy_distance(x, data):.2e}")
         lines.append(f"| {name} | " + " | ".join(row) + " |")
-    lines += ["", f"Wall time {time.time() - t0:.0f} s. Command: `python benchmarks/adaptive_sde.py --samples {n}`."]
-    write_markdown(args.out, lines)
+    lines += ["", f"Wall time {time.time() - t0:.0f} s."]
+    write_markdown(args.out, lines, prov=provenance(None if argv is None else [__file__, *argv]))
     print("\n".join(lines))
 
 

@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from report import header, provenance
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 SOLVERS = [
@@ -101,10 +103,11 @@ def run(problems_idx, solvers, nfes, n_fit, n_eval, refine_iters):
     return rows
 
 
-def table(rows, args, wall, backend):
+def table(rows, args, wall, backend, prov=None):
     lines = [
         "## Fitted time grids vs the best fixed grid (`benchmarks/fitted_grids.py`)",
         "",
+    ] + (header(prov) if prov else []) + [
         f"VPLinear; `dpmjax.fit_timesteps` (defaults, refine_iters={args.refine_iters}) fitted in float32 on "
         f"{args.fit} starting noises, evaluated in float64 on {args.eval} *fresh* ones against "
         "DPM-Solver++(3M) with 1000 logSNR steps. Error: RMS of (sample - reference) at t_end. "
@@ -145,13 +148,14 @@ def main(argv=None):
                args.fit, args.eval, args.refine_iters)
     wall = time.perf_counter() - t0
     backend = f"Backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
-    text = "\n".join(table(rows, args, wall, backend)) + "\n"
+    prov = provenance(None if argv is None else [__file__, *argv])
+    text = "\n".join(table(rows, args, wall, backend, prov)) + "\n"
     print(text)
     partial = any(getattr(args, k) != p.get_default(k) for k in ("problems", "nfes", "solvers"))
     stem = os.path.join(args.out, "fitted_grids" + ("_partial" if partial else ""))
     os.makedirs(args.out, exist_ok=True)
     with open(stem + ".json", "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"provenance": prov, "rows": rows}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(text)
     acc = os.path.join(args.out, "accuracy.md")

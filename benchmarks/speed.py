@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import dpmjax
-from report import write_markdown
+from report import fmt, provenance, spread, write_markdown
 
 FEATURES = 64
 T_FEATURES = 16
@@ -176,6 +176,8 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
                 label=label,
                 limit=np.median(t_l[:, 0]),
                 sample=np.median(t_s[:, 0]),
+                limit_ms=spread(t_l[:, 0], 1e3),
+                sample_ms=spread(t_s[:, 0], 1e3),
                 ratio=np.median(t_s[:, 0]) / np.median(t_l[:, 0]),
                 paired=np.median(t_s[:, 0] / t_l[:, 0]),
                 cpu=np.median(t_s[:, 1]) / np.median(t_l[:, 1]),
@@ -257,6 +259,7 @@ def main(argv=None):
     steps_list = (10, 100, 500)
     schedule = dpmjax.VPLinear()
 
+    prov = provenance(None if argv is None else [__file__, *argv])
     lines = ["# dpmjax speed benchmark", "", backend_line(), ""]
     if hasattr(os, "getloadavg"):
         lines += [f"Load average at start: {os.getloadavg()[0]:.2f} (other jobs on the machine add noise).", ""]
@@ -264,7 +267,8 @@ def main(argv=None):
         f"`sample()` / limit at NFE {NFE} (skip_type logSNR, float32); limit = jitted `lax.scan` of "
         f"NFE model calls + one fused axpy. `jit(sample)`: the same call inside a `jax.jit` wrapper (no per-call "
         f"Python validation/dispatch). Median of interleaved repeats ({4 * repeats} for width 128, "
-        f"{repeats} for width 512) each; **ratio** = ratio of medians of wall time. Also: `paired` = median of "
+        f"{repeats} for width 512) each, with the interquartile range of the times in brackets; **ratio** = ratio "
+        "of medians of wall time. Also: `paired` = median of "
         "the per-repeat ratios (adjacent calls see the same machine load); `CPU-time ratio` = ratio of medians of "
         "this process's CPU time (all threads), which does not count time the process waited for the CPU "
         "(robust when other jobs share the machine).",
@@ -280,7 +284,7 @@ def main(argv=None):
         for row in rows:
             r = row["ratio"]
             line = (
-                f"| MLP w{width} B{batch} | {row['label']} | {row['limit'] * 1e3:.2f} | {row['sample'] * 1e3:.2f} | "
+                f"| MLP w{width} B{batch} | {row['label']} | {fmt(row['limit_ms'])} | {fmt(row['sample_ms'])} | "
                 f"**{r:.3f}** | <= {target:.2f} | {'yes' if r <= target else 'NO'} | {row['paired']:.3f} | "
                 f"{row['cpu']:.3f} | {row['jit']:.3f} | {row['jit_cpu']:.3f} |"
             )
@@ -310,8 +314,7 @@ def main(argv=None):
         )
         lines.append(line)
         print(line, flush=True)
-    lines += ["", f"Command: `python benchmarks/speed.py{' --quick' if args.quick else ''}`"]
-    write_markdown(args.out, lines)
+    write_markdown(args.out, lines, prov=prov)
     print(f"written {args.out}")
     if args.hlo:
         dump_hlo(args.hlo, schedule)

@@ -1,4 +1,4 @@
-"""Command line: ``dpmjax demo | train | sample``.
+"""Command line: ``dpmjax demo | train | sample | fit-steps``.
 
 ``dpmjax demo`` trains a small MLP on the two-moons data on the CPU (about a minute
 on two cores), then samples it with DPM-Solver++(2M), DPM-Solver-fast and DDIM at 10
@@ -7,14 +7,27 @@ grid fitted to the trained model (``dpmjax.fit_timesteps``, on noise of its own)
 with a 200-evaluation DPM-Solver++ reference, printing the sliced Wasserstein distance
 of each to the data and writing a side-by-side picture.
 
-Errors in the arguments, data sets or checkpoints end the program with exit status 2
-and a one-line message; an interrupted ``train`` (Ctrl-C) saves a checkpoint first and
-resumes when the same command is run again.
+What the command line promises:
+
+* every user error (arguments, paths, data sets, checkpoints, a full disk) ends the
+  program with exit status 2 and one line on stderr, never a traceback; an unexpected
+  internal error prints one line too and exits with status 1 (``DPMJAX_TRACEBACK=1``
+  shows its traceback);
+* output paths are checked before any work: a missing parent directory, a directory or
+  device given as a file, a read-only file or a path inside the run directory is
+  refused; an existing file is replaced only when it was named with ``--out`` (not a
+  default name);
+* every file is written to a temporary file in the same directory and moved into place
+  (``os.replace``), so a failed write leaves the previous file as it was;
+* an interrupted ``train`` (Ctrl-C) saves a checkpoint first and resumes when the same
+  command is run again; rerunning a finished run says so and does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import math
 import os
 import sys
@@ -22,13 +35,29 @@ import time
 from typing import Optional, Sequence
 
 PROG = "dpmjax"
+MAX_SEED = 2**32 - 1
 
 
 class _UsageError(Exception):
     """An error to report as one line with exit status 2."""
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not state its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or isinstance(
+                action, (argparse._StoreTrueAction, argparse._HelpAction)):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # one line, exit status 2 (argparse's default prints the usage too)
         raise _UsageError(f"{self.prog}: error: {message}")
 
@@ -50,6 +79,13 @@ def _nonnegative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = _nonnegative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected a seed in 0..{MAX_SEED}, got {text!r}")
     return value
 
 
@@ -79,72 +115,106 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="DPM-Solver samplers in JAX: demo, training and sampling.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train a 2-D model on the CPU and compare samplers at 10 and 6 NFE")
-    demo.add_argument("--out", default=os.path.join("out", "demo"), help="output directory (default: out/demo)")
-    demo.add_argument("--train-steps", type=_positive_int, default=5000, help="training steps (default: 5000)")
-    demo.add_argument("--data", choices=[d for d in DATASETS if d != "digits"], default="moons",
-                      help="2-D data set (default: moons)")
-    demo.add_argument("--samples", type=_positive_int, default=4000, help="samples per method (default: 4000)")
-    demo.add_argument("--seed", type=_nonnegative_int, default=0)
+    demo = sub.add_parser("demo", help="train a 2-D model on the CPU and compare samplers at 10 and 6 NFE",
+                          description="Train (or resume) a small MLP on 2-D data and compare samplers; writes "
+                                      "OUT/run-DATA-STEPS/ (the training run), OUT/grid-6.json (the fitted grid) "
+                                      "and OUT/demo.png (the samples side by side).")
+    demo.add_argument("--out", default=os.path.join("out", "demo"), help="output directory")
+    demo.add_argument("--train-steps", type=_positive_int, default=5000, help="training steps")
+    demo.add_argument("--data", choices=[d for d in DATASETS if d != "digits"], default="moons", help="2-D data set")
+    demo.add_argument("--samples", type=_positive_int, default=4000, help="samples per method")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the run and of the sampling noise")
     demo.add_argument("--width", type=_positive_int, default=None, help="MLP width (default: 64)")
     demo.add_argument("--depth", type=_positive_int, default=None, help="MLP residual blocks (default: 3)")
-    demo.add_argument("--batch-size", type=_positive_int, default=None)
+    demo.add_argument("--batch-size", type=_positive_int, default=None, help="training batch (default: 256)")
     demo.add_argument("--fit-trajectories", type=_positive_int, default=1024,
-                      help="reference trajectories of the fitted 6-NFE grid (default: 1024)")
+                      help="reference trajectories of the fitted 6-NFE grid")
     demo.add_argument("--fit-refine-iters", type=_nonnegative_int, default=200,
-                      help="gradient refinement steps of the fitted grid (default: 200)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+                      help="gradient refinement steps of the fitted grid")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="train a network, with resumable checkpoints")
-    train.add_argument("--data", choices=DATASETS, default=None, help="data set (required for a new run)")
+    train.add_argument("--data", choices=DATASETS, default=None, help="data set (required for a new run; "
+                       "default: the run's own when --out holds one)")
     train.add_argument("--out", default=None, help="run directory (default: runs/<data>)")
     train.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: 5000)")
-    train.add_argument("--seed", type=_nonnegative_int, default=None, help="seed of the run (default: 0)")
+    train.add_argument("--seed", type=_seed, default=None, help="seed of the run (default: 0)")
     train.add_argument("--schedule", choices=SCHEDULES, default=None, help="noise schedule (default: linear)")
-    train.add_argument("--batch-size", type=_positive_int, default=None, help="(default: 256 for 2-D data, 64 for digits)")
+    train.add_argument("--batch-size", type=_positive_int, default=None,
+                       help="(default: 256 for 2-D data, 64 for digits)")
     train.add_argument("--lr", type=_positive_float, default=None, help="peak learning rate (default: 0.002)")
     train.add_argument("--width", type=_positive_int, default=None, help="MLP width (2-D data; default: 64)")
     train.add_argument("--depth", type=_positive_int, default=None, help="MLP residual blocks (2-D data; default: 3)")
     train.add_argument("--channels", type=_positive_int, default=None, help="UNet base channels (digits; default: 16)")
-    train.add_argument("--checkpoint-every", type=_positive_int, default=None, help="(default: 1000)")
-    train.add_argument("--keep-checkpoints", type=_positive_int, default=None, help="(default: 3)")
+    train.add_argument("--checkpoint-every", type=_positive_int, default=None, help="steps between checkpoints "
+                       "(default: 1000)")
+    train.add_argument("--keep-checkpoints", type=_positive_int, default=None, help="checkpoints kept (default: 3)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sample = sub.add_parser("sample", help="sample a trained checkpoint")
-    sample.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train`")
+    sample.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train` (required)")
     sample.add_argument("--step", type=_nonnegative_int, default=None, help="checkpoint step (default: latest)")
-    sample.add_argument("--algorithm", choices=dpmjax.ALGORITHMS, default="dpmsolver++")
-    sample.add_argument("--method", choices=dpmjax.METHODS, default="multistep")
-    sample.add_argument("--order", type=int, choices=(1, 2, 3), default=2)
+    sample.add_argument("--algorithm", choices=dpmjax.ALGORITHMS, default=None,
+                        help="(default: the --timesteps grid's, else dpmsolver++)")
+    sample.add_argument("--method", choices=dpmjax.METHODS, default=None,
+                        help="(default: the --timesteps grid's, else multistep)")
+    sample.add_argument("--order", type=int, choices=(1, 2, 3), default=None,
+                        help="(default: the --timesteps grid's, else 2)")
     sample.add_argument("--steps", type=_positive_int, default=10, help="model evaluations (NFE)")
-    sample.add_argument("--skip-type", choices=dpmjax.SKIP_TYPES, default="logSNR")
+    sample.add_argument("--skip-type", choices=dpmjax.SKIP_TYPES, default="logSNR",
+                        help="time grid (the Python API's default is time_uniform; logSNR is more accurate)")
+    sample.add_argument("--rtol", type=_positive_float, default=0.05, help="relative tolerance of --method adaptive")
+    sample.add_argument("--atol", type=_positive_float, default=0.0078, help="absolute tolerance of --method adaptive")
+    sample.add_argument("--max-nfe", type=_positive_int, default=10000,
+                        help="model evaluations --method adaptive may spend; sampling fails if it runs out")
     sample.add_argument("--guidance-scale", type=_finite_float, default=None,
-                        help="classifier-free guidance scale (class-conditional models; default 2)")
+                        help="classifier-free guidance scale (class-conditional models; default: 2)")
     sample.add_argument("--class", dest="class_", type=_nonnegative_int, default=None,
                         help="sample only this class (default: a grid of all classes)")
     sample.add_argument("--num", type=_positive_int, default=None,
                         help="number of samples (default: 2000 points, or 8 images per class)")
-    sample.add_argument("--seed", type=_nonnegative_int, default=0)
+    sample.add_argument("--seed", type=_seed, default=0, help="seed of the starting noise")
     sample.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA parameters")
-    sample.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+    sample.add_argument("--out", default=None, help="image to write (default: samples.png, which is not replaced "
+                        "if it exists; a file named with --out is)")
     sample.add_argument("--timesteps", default=None,
-                        help="time grid file from `dpmjax fit-steps` (JSON or .npy); sets --steps to its length - 1")
+                        help="time grid file from `dpmjax fit-steps` (JSON or .npy); sets --steps to its length - 1 "
+                             "and the solver to the one it was fitted for (default: none, use --skip-type)")
 
     fit = sub.add_parser("fit-steps", help="fit a time grid to a trained 2-D model (dpmjax.fit_timesteps)")
-    fit.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train`")
-    fit.add_argument("--algorithm", choices=("dpmsolver++", "dpmsolver"), default="dpmsolver++")
+    fit.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train` (required)")
+    fit.add_argument("--algorithm", choices=("dpmsolver++", "dpmsolver"), default="dpmsolver++",
+                     help="solver the grid is fitted for")
     fit.add_argument("--method", choices=("multistep", "unipc"), default="multistep",
-                     help="solver the grid is fitted for (default: multistep); sample with the same one")
-    fit.add_argument("--order", type=int, choices=(1, 2, 3), default=2)
+                     help="solver the grid is fitted for; `dpmjax sample --timesteps` uses the same one")
+    fit.add_argument("--order", type=int, choices=(1, 2, 3), default=2, help="solver order")
     fit.add_argument("--steps", type=_positive_int, default=6, help="model evaluations (NFE) of the grid")
-    fit.add_argument("--trajectories", type=_positive_int, default=1024, help="reference trajectories (default: 1024)")
-    fit.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid intervals (default: 40)")
-    fit.add_argument("--refine-iters", type=_nonnegative_int, default=200, help="gradient refinement steps")
+    fit.add_argument("--trajectories", type=_positive_int, default=1024, help="reference trajectories")
+    fit.add_argument("--candidates", type=_positive_int, default=40, help="candidate grid intervals")
+    fit.add_argument("--refine-iters", type=_nonnegative_int, default=200,
+                     help="gradient refinement steps (0: the dynamic program's grid)")
     fit.add_argument("--grid-only", action="store_true",
                      help="fit only the solver's grid, not the network's time input at each step")
-    fit.add_argument("--seed", type=_nonnegative_int, default=0)
-    fit.add_argument("--out", default="timesteps.json", help="grid file to write (default: timesteps.json)")
+    fit.add_argument("--seed", type=_seed, default=0, help="seed of the fitting noise")
+    fit.add_argument("--out", default=None, help="grid file to write, .json or .npy (default: timesteps.json, "
+                     "which is not replaced if it exists; a file named with --out is)")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _output_file(args, default: str, *protected: str) -> str:
+    """``args.out`` (or ``default``), checked as an output file before any work."""
+    from .train.files import check_output_file
+
+    check_output_file(args.out or default, explicit=args.out is not None, protected=protected)
+    return args.out or default
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # -- train --------------------------------------------------------------------------------
@@ -153,9 +223,12 @@ def _build_parser() -> argparse.ArgumentParser:
 def _train_config(args):
     from .train.config import TrainConfig, default_model_spec, read_config
 
+    from .train.files import check_output_dir
+
     out = args.out or (os.path.join("runs", args.data) if args.data else None)
     if out is None:
         raise _UsageError(f"{PROG} train: error: --data is required (or --out of an existing run)")
+    check_output_dir(out)
     if os.path.exists(os.path.join(out, "config.json")):
         base = read_config(out)
         if args.data is not None and args.data != base.data:
@@ -189,6 +262,11 @@ def _cmd_train(args) -> int:
     config, out = _train_config(args)
     trainer = Trainer(config, out)
     latest = trainer.checkpoints.latest_step()
+    if latest is not None and latest >= trainer.config.steps:
+        trainer.close()
+        print(f"{out} is already trained ({latest} of {trainer.config.steps} steps); nothing to do. "
+              f"Sample it with: {PROG} sample --checkpoint {out}")
+        return 0
     if latest is not None:
         print(f"resuming {out} from step {latest}", file=sys.stderr)
     t0 = time.perf_counter()
@@ -212,6 +290,61 @@ def _cmd_train(args) -> int:
 # -- sample -------------------------------------------------------------------------------
 
 
+SOLVER_DEFAULTS = {"algorithm": "dpmsolver++", "method": "multistep", "order": 2}
+
+
+def _load_grid(path: str):
+    """The grid of ``--timesteps`` and the solver settings recorded beside it (``{}`` if none)."""
+    import dpmjax
+
+    if not os.path.exists(path):
+        raise ValueError(f"--timesteps file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"--timesteps {path!r} is not a file")
+    grid = dpmjax.load_timesteps(path)
+    fitted_for = {}
+    if not path.endswith(".npy"):
+        with open(path) as f:
+            doc = json.load(f)
+        fitted_for = {k: doc[k] for k in SOLVER_DEFAULTS if isinstance(doc, dict) and doc.get(k) is not None}
+    return grid, fitted_for
+
+
+def _solver_settings(args) -> tuple[dict, Optional[object]]:
+    """algorithm / method / order: given on the command line, else the grid's, else the defaults.
+
+    A grid fitted for another solver than the one asked for is refused: it was optimised
+    for that solver's update rule, and is usually worse than a fixed grid for another.
+    """
+    grid, fitted_for = (None, {}) if args.timesteps is None else _load_grid(args.timesteps)
+    chosen = {k: getattr(args, k) for k in SOLVER_DEFAULTS}
+    clash = [f"--{k} {chosen[k]} (fitted for {fitted_for[k]})" for k in SOLVER_DEFAULTS
+             if chosen[k] is not None and k in fitted_for and str(chosen[k]) != str(fitted_for[k])]
+    if clash:
+        raise ValueError(f"--timesteps {args.timesteps} was fitted for another solver: {', '.join(clash)}; "
+                         "leave these options out to use the grid's, or fit a grid for this solver with fit-steps")
+    settings = {k: chosen[k] if chosen[k] is not None else fitted_for.get(k, SOLVER_DEFAULTS[k])
+                for k in SOLVER_DEFAULTS}
+    settings["order"] = int(settings["order"])
+    return settings, grid
+
+
+def _run_sampler(args, fn, label):
+    """Call ``fn(**extra)``; for ``--method adaptive`` refuse an unfinished solve and put the real NFE in the label."""
+    import jax
+
+    if args.method_resolved != "adaptive":
+        return jax.block_until_ready(fn()), label
+    x, info = fn(return_info=True, rtol=args.rtol, atol=args.atol, max_nfe=args.max_nfe)
+    x = jax.block_until_ready(x)
+    nfe = int(info["nfe"])
+    if bool(info["hit_max_nfe"]):
+        raise RuntimeError(f"the adaptive solver stopped after {nfe} model evaluations (--max-nfe {args.max_nfe}) "
+                           f"before reaching the end time (at t = {float(info['t_final']):.4g}); raise --max-nfe "
+                           "or loosen --rtol/--atol")
+    return x, label.replace("{nfe}", str(nfe))
+
+
 def _cmd_sample(args) -> int:
     import jax
     import jax.numpy as jnp
@@ -221,33 +354,40 @@ def _cmd_sample(args) -> int:
     from .train.metrics import sliced_wasserstein
     from .train.trainer import load_trained
 
+    out = _output_file(args, "samples.png", args.checkpoint)
+    plots.check_image_path(out)
+    solver, grid = _solver_settings(args)
+    args.method_resolved = solver["method"]
     trainer, state = load_trained(args.checkpoint, step=args.step)
     trainer.close()
     ds = trainer.dataset
     params = state.params if args.no_ema else state.ema_params
     key = jax.random.key(args.seed)
-    kwargs = dict(schedule=trainer.schedule, algorithm=args.algorithm, method=args.method, order=args.order,
-                  steps=args.steps, skip_type=args.skip_type)
-    label = f"{args.algorithm} {args.method} order {args.order}, {args.steps} NFE, {args.skip_type}"
-    if args.timesteps is not None:
-        grid = dpmjax.load_timesteps(args.timesteps)
-        n = len(grid.timesteps) - 1
-        kwargs.update(steps=n, timesteps=grid)
-        label = f"{args.algorithm} {args.method} order {args.order}, {n} NFE, grid {os.path.basename(args.timesteps)}"
+    kwargs = dict(schedule=trainer.schedule, steps=args.steps, skip_type=args.skip_type, **solver)
+    name = f"{solver['algorithm']} {solver['method']} order {solver['order']}"
+    nfe = "{nfe}" if solver["method"] == "adaptive" else str(args.steps)
+    where = f"rtol {args.rtol:g}, atol {args.atol:g}" if solver["method"] == "adaptive" else args.skip_type
+    if grid is not None:
+        nfe = str(len(grid.timesteps) - 1) if solver["method"] != "adaptive" else nfe
+        kwargs.update(steps=len(grid.timesteps) - 1, timesteps=grid)
+        where = f"grid {os.path.basename(args.timesteps)}"
+    label = f"{name}, {nfe} NFE, {where}"
 
     if ds.num_classes == 0:
         if args.class_ is not None or args.guidance_scale is not None:
             raise ValueError(f"--class/--guidance-scale need a class-conditional model; {ds.name} is unlabelled")
         n = args.num or 2000
         t0 = time.perf_counter()
-        x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, key, (n,) + ds.shape, **kwargs))
+        x, label = _run_sampler(
+            args, lambda **kw: dpmjax.sample(trainer.model_fn, params, key, (n,) + ds.shape, **kwargs, **kw), label)
         seconds = time.perf_counter() - t0
         ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
         swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
         if not math.isfinite(swd):
             raise RuntimeError(f"samples are not finite ({label})")
-        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD {swd:.4f}", x)], args.out)
-        print(f"wrote {args.out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
+        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD to the data {swd:.4f}", x)], out,
+                             suptitle="SWD: sliced Wasserstein distance to fresh data samples (lower is better)")
+        print(f"wrote {out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
               f"sliced Wasserstein distance to the data {swd:.4f}")
         return 0
 
@@ -264,14 +404,14 @@ def _cmd_sample(args) -> int:
         rows = max(1, int(math.sqrt(n)))
     null = jnp.full(labels.shape, ds.num_classes, jnp.int32)
     t0 = time.perf_counter()
-    x = jax.block_until_ready(dpmjax.sample(
+    x, label = _run_sampler(args, lambda **kw: dpmjax.sample(
         trainer.model_fn, params, key, (labels.shape[0],) + ds.shape, condition=labels,
-        unconditional_condition=null, guidance_scale=scale, **kwargs))
+        unconditional_condition=null, guidance_scale=scale, **kwargs, **kw), label)
     seconds = time.perf_counter() - t0
     if not bool(jnp.all(jnp.isfinite(x))):
         raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
-    plots.image_grid(x, args.out, rows=rows, title=f"{label}, guidance {scale:g}")
-    print(f"wrote {args.out}: {labels.shape[0]} images, {label}, guidance scale {scale:g}, "
+    plots.image_grid(x, out, rows=rows, title=f"{label}, guidance {scale:g}")
+    print(f"wrote {out}: {labels.shape[0]} images, {label}, guidance scale {scale:g}, "
           f"{seconds:.2f}s (incl. compile)")
     return 0
 
@@ -316,9 +456,11 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     import dpmjax
     from .train import plots
     from .train.config import TrainConfig, default_model_spec
+    from .train.files import atomic_write, check_output_dir
     from .train.metrics import sliced_wasserstein
     from .train.trainer import Trainer
 
+    check_output_dir(out)
     t_all = time.perf_counter()
     model = default_model_spec(data, "linear")
     model.update({k: v for k, v in (("width", width), ("depth", depth)) if v is not None})
@@ -364,15 +506,16 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     steps = DEMO_FIT_STEPS
     fit_noise = jax.random.normal(jax.random.key(seed + 5), (fit_trajectories,) + ds.shape)
     t0 = time.perf_counter()
+    extra = {"progress": progress} if _accepts(dpmjax.fit_timesteps, "progress") else {}
     grid, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
                                       steps=steps, noise=fit_noise, n_candidates=fit_candidates,
-                                      refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER)
+                                      refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER, **extra)
     grid = jax.block_until_ready(grid)
     fit_seconds = time.perf_counter() - t0
     grid_path = os.path.join(out, f"grid-{steps}.json")
-    dpmjax.save_timesteps(grid_path, grid, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed,
-                          checkpoint=os.path.abspath(run_dir), trajectories=fit_trajectories,
-                          n_candidates=fit_candidates, refine_iters=fit_refine_iters)
+    atomic_write(grid_path, lambda tmp: dpmjax.save_timesteps(
+        tmp, grid, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed, checkpoint=os.path.abspath(run_dir),
+        trajectories=fit_trajectories, n_candidates=fit_candidates, refine_iters=fit_refine_iters))
     start_losses = info.get("start_losses", {})
     errs = ""
     if start_losses:
@@ -405,7 +548,9 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     panels += [(f"{label}, {r['nfe']} NFE\nSWD {r['swd']:.3f}", xs[label]) for label, r in results.items()]
     png = os.path.join(out, "demo.png")
     plots.scatter_panels(panels, png, suptitle=f"{data}: samplers at 10 model evaluations, DPM-Solver++(2M) at "
-                                               f"{steps} on the logSNR and a fitted grid, and a 200-NFE reference")
+                                               f"{steps} on the logSNR and a fitted grid, and a 200-NFE reference\n"
+                                               "SWD: sliced Wasserstein distance to fresh data samples "
+                                               f"(lower is better; two data samples differ by {floor:.3f})")
     log(f"\nwrote {png}; total {time.perf_counter() - t_all:.1f}s")
     return results
 
@@ -429,34 +574,87 @@ def _cmd_fit_steps(args) -> int:
     import jax
 
     import dpmjax
+    from .train.files import atomic_write
     from .train.trainer import load_trained
 
+    out = _output_file(args, "timesteps.json", args.checkpoint)
+    if out.endswith(".npy") and not args.grid_only:
+        raise ValueError(f"--out {out}: a .npy file holds the grid alone; use a .json name (the grid and the "
+                         "network's times) or --grid-only")
     trainer, state = load_trained(args.checkpoint)
     trainer.close()
     ds = trainer.dataset
     if ds.num_classes:
         raise ValueError(f"fit-steps supports the unlabelled 2-D data sets; {ds.name} is class-conditional")
+    extra = {"progress": not args.no_progress} if _accepts(dpmjax.fit_timesteps, "progress") else {}
     t0 = time.perf_counter()
     grid, info = dpmjax.fit_timesteps(
         trainer.model_fn, state.ema_params, jax.random.key(args.seed), (args.trajectories,) + ds.shape,
         schedule=trainer.schedule, steps=args.steps, algorithm=args.algorithm, method=args.method,
         order=args.order, n_candidates=args.candidates, refine_iters=args.refine_iters,
-        model_times=not args.grid_only, return_info=True,
+        model_times=not args.grid_only, return_info=True, **extra,
     )
-    dpmjax.save_timesteps(args.out, grid, steps=args.steps, algorithm=args.algorithm, method=args.method,
-                          order=args.order, checkpoint=os.path.abspath(args.checkpoint))
-    starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
-    print(f"wrote {args.out}: {args.steps}-step grid for {args.algorithm} {args.method} order {args.order} in "
-          f"{time.perf_counter() - t0:.1f}s; fitted error {info.get('fit_loss', float('nan')):.4f}"
-          + (f" (starting grids: {starts})" if starts else ""))
+    grid = jax.block_until_ready(grid)
+    seconds = time.perf_counter() - t0
+    metadata = dict(steps=args.steps, algorithm=args.algorithm, method=args.method, order=args.order,
+                    model_times=not args.grid_only, checkpoint=os.path.abspath(args.checkpoint),
+                    trajectories=args.trajectories, n_candidates=args.candidates, refine_iters=args.refine_iters,
+                    seed=args.seed)
+    atomic_write(out, lambda tmp: dpmjax.save_timesteps(tmp, grid, **metadata))
+    head = (f"wrote {out}: {args.steps}-step grid for {args.algorithm} {args.method} order {args.order} in "
+            f"{seconds:.1f}s; ")
+    if "fit_loss" in info:
+        starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
+        print(head + f"fitted error {info['fit_loss']:.4f}" + (f" (starting grids: {starts})" if starts else ""))
+    else:  # --refine-iters 0: the dynamic program's grid, never run end to end
+        print(head + f"the dynamic program's grid (no refinement), accumulated one-step error "
+              f"{info['dp_cost']:.4g} (teacher-forced; not comparable with the fitted error of a refined grid)")
     return 0
 
 
 # -- entry point --------------------------------------------------------------------------
 
 
+def _quiet_event_loop_noise() -> None:
+    """Drop the reports orbax's abandoned coroutines leave behind after a failed read or write.
+
+    When a checkpoint read or write fails, orbax raises (we report that in one line) and
+    leaves tasks, coroutines and event loops to the garbage collector, which prints a
+    traceback per coroutine ("Event loop is closed" through ``sys.unraisablehook``, "Task
+    exception was never retrieved" through the ``asyncio`` logger, "coroutine ... was
+    never awaited" warnings). Other unraisable errors still print.
+    """
+    import inspect as _inspect
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message=r"coroutine .* was never awaited", category=RuntimeWarning)
+
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)) or _inspect.iscoroutine(
+                unraisable.object):
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    0: done; 2: a user error (one line on stderr); 130: interrupted; 1: an internal error
+    (one line; set ``DPMJAX_TRACEBACK=1`` to see the traceback).
+    """
     try:
         from absl import logging as absl_logging  # orbax logs routine notices as warnings
 
@@ -466,6 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: error: the command line needs the demo extra (pip install 'dpmjax[demo]'): {e}",
               file=sys.stderr)
         return 2
+    _quiet_event_loop_noise()
     try:
         args = _build_parser().parse_args(argv)
         commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps}
@@ -473,13 +672,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, CheckpointError, RuntimeError) as e:
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, OverflowError, CheckpointError, RuntimeError) as e:
+        print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: still one line, unless asked for the traceback
+        if os.environ.get("DPMJAX_TRACEBACK"):
+            raise
+        print(f"{PROG}: internal error: {type(e).__name__}: {_message(e)} "
+              "(set DPMJAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""The command line: ``dpmjax demo | train | sample`` through ``dpmjax.cli.main``."""
+"""The command line: ``dpmjax demo | train | sample | fit-steps`` through ``dpmjax.cli.main``."""
 
+import argparse
 import json
+import logging
 import math
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,8 +79,10 @@ def test_train_writes_config_checkpoints_and_losses(moons_run):
 
 
 def test_train_again_resumes_or_refuses(capsys, moons_run):
-    code, out, err = run(capsys, "train", "--data", "moons", "--steps", "30", "--out", moons_run, *TINY)
-    assert code == 0 and "resuming" in err and "to step 30" in out  # nothing left to do
+    code, out, err = run(capsys, "train", "--data", "moons", "--steps", "30", "--out", moons_run,
+                         *[a for a in TINY if a != "--no-progress"])
+    assert code == 0 and "already trained (30 of 30 steps); nothing to do" in out
+    assert "nan" not in out and err == ""  # no loss summary of zero steps, no progress bar
     code, _, err = run(capsys, "train", "--out", moons_run, "--seed", "4", "--no-progress")
     assert code == 2 and re.search(r"holds a different run \(seed: 0 != 4\)", error_line(err))
     code, _, err = run(capsys, "train", "--data", "swissroll", "--out", moons_run, "--no-progress")
@@ -166,11 +172,15 @@ def _table(out):
     return rows
 
 
-def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path):
+def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path, monkeypatch):
     # a briefly trained moons model: at 10 model evaluations DPM-Solver++(2M) lands closer to the data
     # (sliced Wasserstein distance, the demo's metric) and to the 200-NFE solution than DDIM does;
     # at 6 evaluations the grid fitted to the model (on noise of its own; a small fit here) lands closer
     # to the 200-NFE solution than the logSNR grid -- what the fit optimises
+    from dpmjax.train import plots
+
+    titles, draw = [], plots.scatter_panels
+    monkeypatch.setattr(plots, "scatter_panels", lambda *a, **kw: (titles.append(kw["suptitle"]), draw(*a, **kw)))
     out_dir = str(tmp_path / "demo")
     code, out, _ = run(capsys, "demo", "--out", out_dir, "--train-steps", "800", "--width", "32",
                        "--samples", "2000", "--fit-trajectories", "256", "--fit-refine-iters", "10", "--no-progress")
@@ -190,3 +200,247 @@ def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path):
     ts = dpmjax.load_timesteps(os.path.join(out_dir, "grid-6.json"))
     assert ts.timesteps.shape == (7,) and np.all(np.diff(ts.timesteps) < 0) and ts.model_timesteps.shape == (6,)
     assert os.path.getsize(os.path.join(out_dir, "demo.png")) > 10_000
+    assert len(titles) == 1 and "lower is better" in titles[0]
+    # everything the demo writes: the training run, the fitted grid and the figure
+    assert sorted(os.listdir(out_dir)) == ["demo.png", "grid-6.json", "run-moons-800"]
+    assert sorted(os.listdir(os.path.join(out_dir, "run-moons-800"))) == ["checkpoints", "config.json", "losses.jsonl"]
+
+
+
+# -- user errors: one line, exit status 2, nothing damaged --------------------------------
+
+
+def _subcommand_parsers():
+    from dpmjax.cli import _build_parser
+
+    parser = _build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_help_states_every_default():
+    for name, parser in _subcommand_parsers().items():
+        text = parser.format_help()
+        for action in parser._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                continue
+            flag = action.option_strings[0]
+            helped = parser._get_formatter()._expand_help(action) if action.help else ""
+            assert "default" in helped or action.required, f"{name} {flag}: {helped!r}"
+            assert flag in text
+    sample_help = " ".join(_subcommand_parsers()["sample"].format_help().split())
+    assert "logSNR" in sample_help and "time_uniform" in sample_help  # the CLI's vs the Python default
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--checkpoint", "x", "--seed", "99999999999999999999"], "expected a seed in 0..4294967295"),
+    (["train", "--data", "moons", "--seed", "-1"], "integer >= 0"),
+    (["sample", "--checkpoint", "x", "--out", "/dev/null"], "is not a regular file"),
+    (["sample", "--checkpoint", "x", "--out", "/nonexistent-dir/s.png"], "/nonexistent-dir does not exist"),
+    (["sample", "--checkpoint", "x", "--out", "s.jpq"], "cannot write .jpq images"),
+    (["train", "--data", "moons", "--out", "/dev/null"], "--out /dev/null is not a directory"),
+    (["fit-steps", "--checkpoint", "x", "--out", "g.npy"], "a .npy file holds the grid alone"),
+])
+def test_bad_paths_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in error_line(err)
+
+
+def test_output_files_are_checked_before_any_work(capsys, moons_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    code, _, err = run(capsys, "train", "--data", "moons", "--out", str(a_file), "--no-progress")
+    assert code == 2 and "is not a directory" in error_line(err) and a_file.read_text() == "mine"
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--out", str(tmp_path))
+    assert code == 2 and "is a directory" in error_line(err)
+    # a read-only file is not replaced
+    ro = tmp_path / "ro.png"
+    ro.write_bytes(b"old")
+    ro.chmod(0o444)
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--out", str(ro))
+    assert code == 2 and "read-only" in error_line(err) and ro.read_bytes() == b"old"
+    # a default name that exists is not replaced; the same name given with --out is
+    (tmp_path / "samples.png").write_bytes(b"old")
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--steps", "3", "--num", "50")
+    assert code == 2 and "already exists; pass --out samples.png" in error_line(err)
+    assert (tmp_path / "samples.png").read_bytes() == b"old"
+    code, _, _ = run(capsys, "sample", "--checkpoint", moons_run, "--steps", "3", "--num", "50", "--out",
+                     "samples.png")
+    assert code == 0 and (tmp_path / "samples.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(os.listdir(tmp_path)) == ["a-file", "ro.png", "samples.png"]  # no temporary files left
+    # the run's own files are never outputs
+    config = open(os.path.join(moons_run, "config.json")).read()
+    for cmd in ("fit-steps", "sample"):
+        code, _, err = run(capsys, cmd, "--checkpoint", moons_run, "--out", os.path.join(moons_run, "config.json"))
+        assert code == 2 and "inside the run directory" in error_line(err)
+    assert open(os.path.join(moons_run, "config.json")).read() == config
+
+
+def test_timesteps_that_is_not_a_file(capsys, moons_run, tmp_path):
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", str(tmp_path),
+                       "--out", str(tmp_path / "s.png"))
+    assert code == 2 and "is not a file" in error_line(err)
+
+
+def test_checkpoints_that_is_a_file(capsys, tmp_path):
+    d = tmp_path / "run"
+    d.mkdir()
+    (d / "checkpoints").write_text("not a directory")
+    code, _, err = run(capsys, "train", "--data", "moons", "--out", str(d), *TINY)
+    assert code == 2 and "checkpoints is not a directory" in error_line(err)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(d), "--out", str(tmp_path / "s.png"))
+    assert code == 2 and error_line(err).startswith("dpmjax: error:")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="permissions do not bind root")
+def test_unreadable_config_and_unwritable_directory(capsys, moons_run, tmp_path):
+    d = tmp_path / "run"
+    shutil.copytree(moons_run, d)
+    os.chmod(d / "config.json", 0)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(d), "--out", str(tmp_path / "s.png"))
+    assert code == 2 and "cannot read the run config" in error_line(err)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--out", str(locked / "s.png"))
+    assert code == 2 and "not writable" in error_line(err)
+    code, _, err = run(capsys, "train", "--data", "moons", "--out", str(locked / "run"), *TINY)
+    assert code == 2 and "not writable" in error_line(err)
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    from dpmjax.train.files import atomic_write
+
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def half_then_fail(tmp):
+        with open(tmp, "w") as f:
+            f.write("new, half written")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left on device") as e:
+        atomic_write(str(target), half_then_fail)
+    assert e.value.filename == str(target)
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
+    atomic_write(str(target), lambda tmp: open(tmp, "w").write("new"))
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _cli_subprocess(argv, fsize=None, cwd=None):
+    """Run ``python -m dpmjax argv`` (optionally under a file-size limit); (returncode, stderr lines)."""
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = ("import resource, runpy, sys\n"
+            f"if {fsize!r}: resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize!r}, {fsize!r}))\n"
+            "sys.argv = ['dpmjax'] + sys.argv[1:]\n"
+            "runpy.run_module('dpmjax', run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, cwd=cwd,
+                       timeout=300)
+    return r.returncode, [l for l in r.stderr.splitlines() if l.strip()]
+
+
+def test_failed_reads_and_writes_print_one_line(moons_run, tmp_path):
+    # (subprocesses: orbax's leftover coroutines report at interpreter exit)
+    # a damaged array chunk of a checkpoint
+    d = tmp_path / "damaged"
+    shutil.copytree(moons_run, d)
+    for root, _, files in os.walk(d / "checkpoints" / "30" / "state" / "ocdbt.process_0" / "d"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\0garbage")
+    code, lines = _cli_subprocess(["sample", "--checkpoint", str(d), "--out", str(tmp_path / "s.png")])
+    assert code == 2 and len(lines) == 1 and "cannot restore checkpoint" in lines[0], lines
+    # a full disk (a file-size limit) while saving a checkpoint
+    run_dir = tmp_path / "full"
+    code, lines = _cli_subprocess(["train", "--data", "moons", "--steps", "10", "--out", str(run_dir), *TINY],
+                                  fsize=3000)
+    assert code == 2 and len(lines) == 1 and "cannot save checkpoint 10" in lines[0], lines
+    # ... and while writing the figure over an existing one: the old file stays whole
+    keep = tmp_path / "keep.png"
+    keep.write_bytes(b"an earlier figure")
+    code, lines = _cli_subprocess(["sample", "--checkpoint", moons_run, "--steps", "3", "--num", "500",
+                                   "--out", str(keep)], fsize=3000)
+    assert code == 2 and len(lines) == 1 and "File too large" in lines[0] and str(keep) in lines[0], lines
+    assert keep.read_bytes() == b"an earlier figure"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".keep.png")]
+
+
+# -- adaptive, grids fitted for a solver, progress, loading from Python -------------------
+
+
+def test_adaptive_reports_its_real_nfe_and_fails_when_unfinished(capsys, moons_run, tmp_path):
+    import jax
+
+    from dpmjax.train import load_trained
+
+    png = str(tmp_path / "a.png")
+    code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--method", "adaptive", "--num", "100",
+                       "--seed", "3", "--out", png)
+    assert code == 0, out
+    trainer, state = load_trained(moons_run)
+    trainer.close()
+    _, info = dpmjax.sample(trainer.model_fn, state.ema_params, jax.random.key(3), (100, 2),
+                            schedule=trainer.schedule, method="adaptive", order=2, return_info=True)
+    assert f", {int(info['nfe'])} NFE," in out and not bool(info["hit_max_nfe"])
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--method", "adaptive", "--max-nfe", "4",
+                       "--num", "100", "--out", str(tmp_path / "b.png"))
+    assert code == 2 and "stopped after" in error_line(err) and "--max-nfe 4" in error_line(err)
+    assert not os.path.exists(tmp_path / "b.png")
+
+
+def test_grid_fitted_for_another_solver_is_refused(capsys, moons_run, tmp_path):
+    grid = str(tmp_path / "grid.json")
+    dpmjax.save_timesteps(grid, np.linspace(1.0, 1e-3, 5), algorithm="dpmsolver++", method="unipc", order=2)
+    png = str(tmp_path / "g.png")
+    code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--num", "50", "--out", png)
+    assert code == 0 and "dpmsolver++ unipc order 2, 4 NFE" in out  # the grid's solver by default
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--method", "multistep",
+                       "--out", png)
+    assert code == 2 and "--method multistep (fitted for unipc)" in error_line(err)
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--order", "3",
+                       "--out", png)
+    assert code == 2 and "--order 3 (fitted for 2)" in error_line(err)
+
+
+def test_fit_steps_without_refinement_reports_the_dynamic_program(capsys, moons_run, tmp_path):
+    grid = str(tmp_path / "dp.json")
+    code, out, _ = run(capsys, "fit-steps", "--checkpoint", moons_run, "--steps", "3", "--trajectories", "16",
+                       "--candidates", "8", "--refine-iters", "0", "--no-progress", "--out", grid)
+    assert code == 0 and "nan" not in out
+    cost = float(re.search(r"accumulated one-step error ([0-9.eE+-]+)", out).group(1))
+    assert math.isfinite(cost) and cost > 0
+    doc = json.load(open(grid))
+    assert (doc["method"], doc["order"], doc["refine_iters"], doc["model_times"]) == ("multistep", 2, 0, True)
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-progress"], False)])
+def test_fit_steps_passes_progress_when_the_library_takes_it(capsys, moons_run, tmp_path, monkeypatch, flag,
+                                                              expected):
+    original, seen = dpmjax.fit_timesteps, []
+
+    def fit_with_progress(*args, progress=False, **kwargs):
+        seen.append(progress)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpmjax, "fit_timesteps", fit_with_progress)
+    code, _, _ = run(capsys, "fit-steps", "--checkpoint", moons_run, "--steps", "3", "--trajectories", "16",
+                     "--candidates", "8", "--refine-iters", "0", "--out", str(tmp_path / "g.json"), *flag)
+    assert code == 0 and seen == [expected]
+
+
+def test_loading_a_run_from_python_is_quiet(moons_run, caplog):
+    from dpmjax.train import load_trained
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        trainer, state = load_trained(moons_run)
+        trainer.close()
+    assert int(state.step) == 30
+    assert not [r for r in caplog.records if "read only" in r.getMessage()], caplog.text

@@ -1,4 +1,4 @@
-"""Tests of the features beyond the core sampler (issue 3), measured against closed forms.
+"""Tests of the features beyond the core sampler, measured against closed forms.
 
 * adaptive DPM-Solver-12/23: NFE accounting, accuracy against the exact single-Gaussian
   ODE solution, tightening the tolerances, ``max_nfe`` stops the loop;
@@ -262,8 +262,8 @@ def test_unipc_disable_corrector():
         d = rms(full - np.asarray(part))
         assert d > min_change, (i, d)
     # the last step never runs a corrector: disabling it changes nothing
-    # (before the off-by-one fix, entry i skipped step i-1's corrector: entry 1 was a no-op
-    # and entry 16 changed the result by 1.2e-4)
+    # (an off-by-one that made entry i skip step i-1's corrector would make entry 1 a no-op
+    # and entry 16 change the result, by 1.2e-4 here)
     last, _ = unipc("bh2", 2, 16, disable_corrector=[16])
     np.testing.assert_array_equal(np.asarray(last), full)
     # with every corrector off, UniPC-1 is the plain exponential-integrator step: DDIM

@@ -1,4 +1,4 @@
-"""Precision (issue 5): a bfloat16 network with a float32 solver state, and float64.
+"""Precision: a bfloat16 network with a float32 solver state, and float64.
 
 The solver upcasts every model output to its own dtype (float32, or float64 under
 ``jax_enable_x64``), so a bf16 model's rounding enters only through the model values.

@@ -1,4 +1,4 @@
-"""Tests of ``dpmjax.sample`` that measure the mathematics (issue 2).
+"""Tests of ``dpmjax.sample`` that measure the mathematics.
 
 * exact agreement (~1e-9, float64) with the independent numpy reference
   ``tests/reference_impl.py``, written from REFERENCE.md alone;

@@ -1,4 +1,4 @@
-"""Batch sharding (issue 5): ``sample`` keeps a ``NamedSharding`` over the batch axis and
+"""Batch sharding: ``sample`` keeps a ``NamedSharding`` over the batch axis and
 gives the same numbers as the unsharded run.
 
 The host platform's device count is fixed when JAX starts, so the check runs in a fresh

@@ -16,7 +16,9 @@ silently to a fresh start.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -35,7 +37,25 @@ class CheckpointError(RuntimeError):
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+    line = text[0].split(" See full TensorStore details")[0] if text else ""
+    return f"{type(e).__name__}: {line[:300]}"
+
+
+@contextlib.contextmanager
+def _quiet_orbax(level: int = logging.ERROR):
+    """Raise the level of the ``absl`` logger (orbax's) within the block.
+
+    orbax logs routine notices as warnings (opening a directory read-only says "Given
+    directory is read only"), and failures at ERROR with a full traceback before it
+    raises; the exception it raises is what callers see and report.
+    """
+    logger = logging.getLogger("absl")
+    previous = logger.level
+    logger.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 
 class RunCheckpoints:
@@ -50,6 +70,8 @@ class RunCheckpoints:
     def __init__(self, directory: str, *, keep: int = 3, read_only: bool = False):
         self.run_dir = os.path.abspath(directory)
         self.directory = os.path.join(self.run_dir, CHECKPOINT_SUBDIR)
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} is not a directory; a run keeps its checkpoints there")
         if read_only and not os.path.isdir(self.directory):
             raise FileNotFoundError(f"{self.run_dir}: no {CHECKPOINT_SUBDIR}/ directory (nothing trained here)")
         options = ocp.CheckpointManagerOptions(
@@ -61,7 +83,8 @@ class RunCheckpoints:
             cleanup_tmp_directories=not read_only,
         )
         try:
-            self._manager = ocp.CheckpointManager(self.directory, options=options)
+            with _quiet_orbax():
+                self._manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as e:  # orbax raises a variety of errors on unreadable directories
             raise CheckpointError(f"{self.directory}: cannot open checkpoints ({_first_line(e)})") from e
         self._check_listing()
@@ -88,16 +111,26 @@ class RunCheckpoints:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, config: TrainConfig) -> None:
-        """Save ``state`` (any pytree of arrays) and ``config`` as checkpoint ``step``, synchronously."""
-        self._manager.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                config=ocp.args.JsonSave(config.to_dict()),
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Save ``state`` (any pytree of arrays) and ``config`` as checkpoint ``step``, synchronously.
+
+        Raises:
+          CheckpointError: the write failed (a full disk, say). orbax writes into a
+            temporary directory, so the earlier checkpoints are intact and the partial one
+            is removed when the run is reopened.
+        """
+        try:
+            with _quiet_orbax(logging.CRITICAL):
+                self._manager.save(
+                    int(step),
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardSave(state),
+                        config=ocp.args.JsonSave(config.to_dict()),
+                    ),
+                    force=True,
+                )
+                self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}: cannot save checkpoint {int(step)} ({_first_line(e)})") from e
 
     def restore(self, step: int, abstract_state: Any, config: TrainConfig) -> Any:
         """Restore checkpoint ``step`` into the structure of ``abstract_state``.
@@ -108,7 +141,8 @@ class RunCheckpoints:
         """
         where = os.path.join(self.directory, str(step))
         try:
-            saved = self._manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+            with _quiet_orbax(logging.CRITICAL):
+                saved = self._manager.restore(int(step), args=ocp.args.Composite(config=ocp.args.JsonRestore()))
             saved_config = TrainConfig.from_dict(saved.config)
         except Exception as e:
             raise CheckpointError(f"{where}: unreadable checkpoint config ({_first_line(e)})") from e
@@ -116,9 +150,10 @@ class RunCheckpoints:
         if diff:
             raise ValueError(f"{where}: checkpoint was written by a different run ({'; '.join(diff)})")
         try:
-            restored = self._manager.restore(
-                int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-            ).state
+            with _quiet_orbax(logging.CRITICAL):
+                restored = self._manager.restore(
+                    int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+                ).state
         except Exception as e:
             raise CheckpointError(f"{where}: cannot restore checkpoint ({_first_line(e)})") from e
         want = jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), abstract_state)

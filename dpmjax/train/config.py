@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Any, Mapping, Optional
 
 from .data import get_dataset
@@ -115,14 +114,18 @@ class TrainConfig:
 
 def write_config(directory: str, config: TrainConfig) -> None:
     """Write ``config.json`` atomically (temporary file + ``os.replace``)."""
+    from .files import atomic_write
+
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(directory, CONFIG_FILE))
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(os.path.join(directory, CONFIG_FILE), write)
 
 
 def read_config(directory: str) -> TrainConfig:
@@ -135,3 +138,5 @@ def read_config(directory: str) -> TrainConfig:
             return TrainConfig.from_dict(json.load(f))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: corrupt run config ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the run config ({e.strerror or e})") from None

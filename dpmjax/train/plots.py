@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from .files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -17,8 +19,23 @@ def _pyplot():
 
 
 def _save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    """Save ``fig`` to ``path`` atomically (the format from its extension, PNG without one).
+
+    The directory must exist: nothing is created that the caller did not ask for.
+    """
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight"))
+
+
+def check_image_path(path: str) -> None:
+    """``ValueError`` unless matplotlib can write ``path``'s extension (none: PNG)."""
+    fmt = os.path.splitext(path)[1][1:].lower() or "png"
+    plt = _pyplot()
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if fmt not in formats:
+        raise ValueError(f"--out {path}: cannot write .{fmt} images; use one of "
+                         + ", ".join(f".{f}" for f in sorted(formats)))
 
 
 def scatter_panels(panels, path, *, lim: float | None = None, suptitle: str | None = None):
@@ -38,8 +55,9 @@ def scatter_panels(panels, path, *, lim: float | None = None, suptitle: str | No
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
         ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("$x_1$", fontsize=8)
+    axes[0][0].set_ylabel("$x_2$", fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
     _save(fig, path)

@@ -167,6 +167,10 @@ class Trainer:
     def _open_directory(self):
         config_path = os.path.join(self.directory, "config.json")
         ckpt_dir = os.path.join(self.directory, ckpt.CHECKPOINT_SUBDIR)
+        if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+            raise ValueError(f"{self.directory} exists and is not a directory")
+        if os.path.lexists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+            raise ckpt.CheckpointError(f"{ckpt_dir} is not a directory; a run keeps its checkpoints there")
         if os.path.exists(config_path):
             saved = read_config(self.directory).resolved()
             diff = saved.mismatches(self.config)
@@ -262,7 +266,7 @@ class Trainer:
                 ckpt.append_losses(self.directory, new)
             return new
 
-        bar = tqdm(total=stop, initial=start, unit="step", disable=not progress, dynamic_ncols=True,
+        bar = tqdm(total=stop, initial=start, unit="step", disable=not progress or start >= stop, dynamic_ncols=True,
                    desc=f"train {self.config.data}")
         running = None
         k = start
