@@ -444,15 +444,19 @@ def _load_npz(path, keys):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"EMS file {path} does not exist (the layout is l.npz with 'l', sb.npz with 's' and 'b')")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise ValueError(f"EMS file {path} lacks the arrays {missing}; it holds {z.files}")
-            return [np.asarray(z[k]) for k in keys]
-    except ValueError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError ...
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("not an .npz archive")
+    except Exception as e:  # zipfile.BadZipFile, OSError, pickled data ...
         raise ValueError(f"EMS file {path} is not a readable .npz archive: {e}") from None
+    with z:
+        missing = [k for k in keys if k not in z.files]
+        if missing:
+            raise ValueError(f"EMS file {path} lacks the arrays {missing}; it holds {z.files}")
+        try:
+            return [np.asarray(z[k]) for k in keys]
+        except Exception as e:
+            raise ValueError(f"EMS file {path}: cannot read its arrays: {e}") from None
 
 
 def load_ems(directory, schedule: Optional[NoiseSchedule] = None, *, t_start=None, t_end=None) -> EMS:
