@@ -4,12 +4,14 @@ The public API is listed here and nothing else is; see the README for a tour.
 """
 
 from .analytic import GaussianMixture
+from .ems import EMS, compute_ems, degenerate_ems, load_ems, save_ems
 from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
 from .solvers import Solver, SolverState, solver
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
 from .timesteps import SKIP_TYPES, FittedGrid, time_grid
+from .v3 import V3Plan, sample_v3, v3_indexes, v3_orders, v3_plan
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "SKIP_TYPES",
     "SOLVER_TYPES",
     "UNIPC_VARIANTS",
+    "EMS",
     "GaussianMixture",
     "EDM",
     "FittedGrid",
@@ -31,15 +34,24 @@ __all__ = [
     "VPDiscrete",
     "VPLinear",
     "VPSchedule",
+    "V3Plan",
     "add_noise",
+    "compute_ems",
+    "degenerate_ems",
     "dynamic_threshold",
     "fit_timesteps",
     "invert",
+    "load_ems",
     "load_timesteps",
     "sample",
+    "sample_v3",
+    "save_ems",
     "save_timesteps",
     "solver",
     "time_grid",
     "to_data",
     "to_noise",
+    "v3_indexes",
+    "v3_orders",
+    "v3_plan",
 ]
