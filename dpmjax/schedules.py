@@ -411,14 +411,20 @@ class RectifiedFlow(NoiseSchedule):
     ``t = sigmoid(-lambda)``. lambda is infinite at both ends, so sampling runs from
     ``T = 0.999`` to ``t_eps = 1e-3`` by default. Use ``model_type="flow"`` for a velocity
     network ``v = eps - x0`` (then ``x0 = x - t v`` and ``eps = x + (1 - t) v``).
+
+    ``time_scale``: the network is fed ``t * time_scale`` (diffusers' flow models take
+    ``sigma * num_train_timesteps``, e.g. 1000); the solver still works in ``t = sigma``.
     """
 
     T: float = 0.999
     t_eps: float = 1e-3
+    time_scale: float = 1.0
 
     def __post_init__(self):
         if not 0 < self.t_eps < self.T < 1:
             raise ValueError(f"RectifiedFlow needs 0 < t_eps < T < 1, got t_eps={self.t_eps}, T={self.T}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"RectifiedFlow needs a finite time_scale > 0, got {self.time_scale}")
 
     def log_alpha(self, t):
         return jnp.log1p(-_asarray(t))
@@ -428,3 +434,11 @@ class RectifiedFlow(NoiseSchedule):
 
     def inverse_lambda(self, lam):
         return jax.nn.sigmoid(-_asarray(lam))
+
+    def model_time(self, t):
+        """``t * time_scale``: the time value the network is fed."""
+        return t * self.time_scale
+
+    def solver_time(self, t_model):
+        """Inverse of :meth:`model_time`: ``t_model / time_scale``."""
+        return t_model / self.time_scale
