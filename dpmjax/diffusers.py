@@ -230,7 +230,17 @@ def _alphas_cumprod(cfg) -> np.ndarray:
     alphas = (np.float32(1) - betas).astype(np.float32)
     ac = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
     if cfg.get("rescale_betas_zero_snr"):
+        # diffusers sets the last entry to 2**-24, above the two before it (~4e-9, ~2e-8 for
+        # the linear table): its table is not monotone there. Those entries are replaced by
+        # a geometric bridge (they are never on a grid of fewer than ~300 steps; grids that
+        # visit them are refused in _vp_grid).
         ac[-1] = 2.0**-24
+        bad = np.nonzero(ac[:-1] <= ac[-1])[0]
+        if bad.size:
+            k0 = bad[0] - 1
+            w = (np.arange(k0, n) - k0) / (n - 1 - k0)
+            ac[k0:] = np.exp((1 - w) * np.log(np.float64(ac[k0])) + w * np.log(np.float64(ac[-1])))
+            cfg["_bridged"] = (int(k0) + 1, n - 1)
     if np.any(ac <= 0) or np.any(np.diff(ac) >= 0):
         raise ValueError("the config's betas give alphas_cumprod that are not strictly decreasing in (0, 1)")
     return ac.astype(np.float64)
@@ -350,6 +360,11 @@ def _vp_grid(name, cfg, steps, mu):
         last_sigma = float(np.sqrt((1 - ac32[0]) / ac32[0]))
     sigmas = np.concatenate([sig, [last_sigma]]).astype(np.float32).astype(np.float64)
     model_t = np.trunc(t).astype(np.int64).astype(np.float64)
+    if "_bridged" in cfg and not flow:
+        lo, hi = cfg["_bridged"]
+        if np.any((model_t >= lo) & (model_t < hi)):
+            raise ValueError(f"with rescale_betas_zero_snr diffusers' alphas_cumprod is not monotone at training "
+                             f"steps {lo}..{hi - 1}; this grid visits them (use fewer steps)")
     if name == INVERSE:
         _, first = np.unique(model_t, return_index=True)
         if len(first) != len(model_t):

@@ -304,34 +304,33 @@ class VPDiscrete(VPSchedule):
 
     @classmethod
     def from_diffusers_config(
-        cls, config: Mapping[str, Any] | str | os.PathLike, *, lambda_min: float | None = -5.1
+        cls, config: Mapping[str, Any] | str | os.PathLike, *, lambda_min: float | None = None
     ) -> tuple["VPDiscrete", str]:
-        """Read a diffusers ``scheduler_config.json`` (a dict or a path).
+        """The table of a diffusers ``scheduler_config.json`` (a Mapping, a path to the file or
+        to a directory holding it): a thin alias of :func:`dpmjax.from_diffusers`, whose
+        schedule it returns with the ``model_type`` of the config's ``prediction_type``.
 
-        Returns ``(schedule, model_type)``: the ``model_type`` to pass to
-        :func:`dpmjax.sample`, from the config's ``prediction_type``.
+        diffusers keeps the whole table (``lambda_min=None``) and builds it in float32, as
+        this does. Flow and EDM configs have no discrete VP table: use :func:`dpmjax.from_diffusers`.
         """
+        if not isinstance(config, (str, os.PathLike, Mapping)):
+            raise TypeError(f"config must be a Mapping or a path (str or os.PathLike), got {type(config).__name__}")
+        from .diffusers import from_diffusers  # the mapping lives there; it imports this module
+
+        name = None if isinstance(config, Mapping) and "_class_name" in config else "DPMSolverMultistepScheduler"
         if not isinstance(config, Mapping):
-            with open(config) as f:
-                config = json.load(f)
-        n = int(config.get("num_train_timesteps", 1000))
-        pred = config.get("prediction_type", "epsilon")
-        if pred not in DIFFUSERS_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {sorted(DIFFUSERS_PREDICTION_TYPES)}, got {pred!r}"
-            )
-        trained = config.get("trained_betas")
-        if trained is not None:
-            schedule = cls.from_betas(np.asarray(trained, dtype=np.float64), lambda_min=lambda_min)
-        else:
-            schedule = cls.from_named(
-                config.get("beta_schedule", "linear"),
-                n,
-                config.get("beta_start"),
-                config.get("beta_end"),
-                lambda_min=lambda_min,
-            )
-        return schedule, DIFFUSERS_PREDICTION_TYPES[pred]
+            name = None
+            from .diffusers import _read
+
+            if "_class_name" not in _read(config)[0]:
+                name = "DPMSolverMultistepScheduler"
+        schedule, options = from_diffusers(config, 1, scheduler=name)
+        if not isinstance(schedule, cls):
+            raise ValueError(f"this config describes a {type(schedule).__name__} schedule, not a discrete VP "
+                             "table: use dpmjax.from_diffusers")
+        if lambda_min is not None:
+            schedule = cls.from_log_alphas(np.asarray(schedule.log_alphas, np.float64), lambda_min=lambda_min)
+        return schedule, options["model_type"]
 
     def log_alpha(self, t):
         t = jnp.asarray(t, dtype=self.log_alphas.dtype)
