@@ -179,6 +179,8 @@ def _resolve(config, scheduler):
             raise ValueError(f"{name} config {key}={value!r} (in {where}) is not honoured by dpmjax; "
                              f"supported values: {ok}")
     full = {**_DEFAULTS, **_CLASS_DEFAULTS.get(name, {}), **cfg}
+    if cfg.get("trained_betas") is not None and "num_train_timesteps" not in cfg:
+        full["num_train_timesteps"] = len(cfg["trained_betas"])
     n = full["num_train_timesteps"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"num_train_timesteps must be an integer >= 2 (in {where}), got {n!r}")
