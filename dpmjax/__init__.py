@@ -4,6 +4,7 @@ The public API is listed here and nothing else is; see the README for a tour.
 """
 
 from .analytic import GaussianMixture
+from .diffusers import from_diffusers
 from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
 from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
@@ -31,6 +32,7 @@ __all__ = [
     "add_noise",
     "dynamic_threshold",
     "fit_timesteps",
+    "from_diffusers",
     "invert",
     "load_timesteps",
     "sample",

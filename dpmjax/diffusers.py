@@ -125,7 +125,8 @@ _DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02
              "lambda_min_clipped": -math.inf, "variance_type": None, "timestep_spacing": "linspace",
              "steps_offset": 0, "rescale_betas_zero_snr": False, "use_dynamic_shifting": False,
              "predict_x0": True, "disable_corrector": [], "sigma_min": None, "sigma_max": None,
-             "sigma_data": 0.5, "sigma_schedule": "karras", "rho": 7.0, "shift": 1.0}
+             "sigma_data": 0.5, "sigma_schedule": "karras", "rho": 7.0, "shift": 1.0,
+             "solver_type": "midpoint"}
 _CLASS_DEFAULTS = {SINGLESTEP: {"lower_order_final": False}, UNIPC: {"solver_type": "bh2"},
                    EDM_MULTISTEP: {"sigma_min": 0.002, "sigma_max": 80.0},
                    MULTISTEP: {"solver_type": "midpoint"}, INVERSE: {"solver_type": "midpoint"}}
