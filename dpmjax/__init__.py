@@ -4,6 +4,7 @@ The public API is listed here and nothing else is; see the README for a tour.
 """
 
 from .analytic import GaussianMixture
+from .diffusers import from_diffusers
 from .ems import EMS, compute_ems, degenerate_ems, load_ems, save_ems
 from .fit import fit_timesteps, load_timesteps, save_timesteps
 from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
@@ -40,6 +41,7 @@ __all__ = [
     "degenerate_ems",
     "dynamic_threshold",
     "fit_timesteps",
+    "from_diffusers",
     "invert",
     "load_ems",
     "load_timesteps",

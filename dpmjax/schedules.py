@@ -304,34 +304,33 @@ class VPDiscrete(VPSchedule):
 
     @classmethod
     def from_diffusers_config(
-        cls, config: Mapping[str, Any] | str | os.PathLike, *, lambda_min: float | None = -5.1
+        cls, config: Mapping[str, Any] | str | os.PathLike, *, lambda_min: float | None = None
     ) -> tuple["VPDiscrete", str]:
-        """Read a diffusers ``scheduler_config.json`` (a dict or a path).
+        """The table of a diffusers ``scheduler_config.json`` (a Mapping, a path to the file or
+        to a directory holding it): a thin alias of :func:`dpmjax.from_diffusers`, whose
+        schedule it returns with the ``model_type`` of the config's ``prediction_type``.
 
-        Returns ``(schedule, model_type)``: the ``model_type`` to pass to
-        :func:`dpmjax.sample`, from the config's ``prediction_type``.
+        diffusers keeps the whole table (``lambda_min=None``) and builds it in float32, as
+        this does. Flow and EDM configs have no discrete VP table: use :func:`dpmjax.from_diffusers`.
         """
+        if not isinstance(config, (str, os.PathLike, Mapping)):
+            raise TypeError(f"config must be a Mapping or a path (str or os.PathLike), got {type(config).__name__}")
+        from .diffusers import from_diffusers  # the mapping lives there; it imports this module
+
+        name = None if isinstance(config, Mapping) and "_class_name" in config else "DPMSolverMultistepScheduler"
         if not isinstance(config, Mapping):
-            with open(config) as f:
-                config = json.load(f)
-        n = int(config.get("num_train_timesteps", 1000))
-        pred = config.get("prediction_type", "epsilon")
-        if pred not in DIFFUSERS_PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {sorted(DIFFUSERS_PREDICTION_TYPES)}, got {pred!r}"
-            )
-        trained = config.get("trained_betas")
-        if trained is not None:
-            schedule = cls.from_betas(np.asarray(trained, dtype=np.float64), lambda_min=lambda_min)
-        else:
-            schedule = cls.from_named(
-                config.get("beta_schedule", "linear"),
-                n,
-                config.get("beta_start"),
-                config.get("beta_end"),
-                lambda_min=lambda_min,
-            )
-        return schedule, DIFFUSERS_PREDICTION_TYPES[pred]
+            name = None
+            from .diffusers import _read
+
+            if "_class_name" not in _read(config)[0]:
+                name = "DPMSolverMultistepScheduler"
+        schedule, options = from_diffusers(config, 1, scheduler=name)
+        if not isinstance(schedule, cls):
+            raise ValueError(f"this config describes a {type(schedule).__name__} schedule, not a discrete VP "
+                             "table: use dpmjax.from_diffusers")
+        if lambda_min is not None:
+            schedule = cls.from_log_alphas(np.asarray(schedule.log_alphas, np.float64), lambda_min=lambda_min)
+        return schedule, options["model_type"]
 
     def log_alpha(self, t):
         t = jnp.asarray(t, dtype=self.log_alphas.dtype)
@@ -411,14 +410,20 @@ class RectifiedFlow(NoiseSchedule):
     ``t = sigmoid(-lambda)``. lambda is infinite at both ends, so sampling runs from
     ``T = 0.999`` to ``t_eps = 1e-3`` by default. Use ``model_type="flow"`` for a velocity
     network ``v = eps - x0`` (then ``x0 = x - t v`` and ``eps = x + (1 - t) v``).
+
+    ``time_scale``: the network is fed ``t * time_scale`` (diffusers' flow models take
+    ``sigma * num_train_timesteps``, e.g. 1000); the solver still works in ``t = sigma``.
     """
 
     T: float = 0.999
     t_eps: float = 1e-3
+    time_scale: float = 1.0
 
     def __post_init__(self):
         if not 0 < self.t_eps < self.T < 1:
             raise ValueError(f"RectifiedFlow needs 0 < t_eps < T < 1, got t_eps={self.t_eps}, T={self.T}")
+        if not (math.isfinite(self.time_scale) and self.time_scale > 0):
+            raise ValueError(f"RectifiedFlow needs a finite time_scale > 0, got {self.time_scale}")
 
     def log_alpha(self, t):
         return jnp.log1p(-_asarray(t))
@@ -428,3 +433,11 @@ class RectifiedFlow(NoiseSchedule):
 
     def inverse_lambda(self, lam):
         return jax.nn.sigmoid(-_asarray(lam))
+
+    def model_time(self, t):
+        """``t * time_scale``: the time value the network is fed."""
+        return t * self.time_scale
+
+    def solver_time(self, t_model):
+        """Inverse of :meth:`model_time`: ``t_model / time_scale``."""
+        return t_model / self.time_scale

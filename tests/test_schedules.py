@@ -140,7 +140,8 @@ def test_from_diffusers_config_dict_and_file(x64, tmp_path):
     s, model_type = dpmjax.VPDiscrete.from_diffusers_config(cfg)
     assert model_type == "v"
     want = dpmjax.VPDiscrete.from_named("scaled_linear", 1000)
-    np.testing.assert_allclose(np.asarray(s.log_alphas), np.asarray(want.log_alphas), rtol=1e-12)
+    # diffusers builds its table in float32 (log alpha ~ 1e-3 there: ~1e-5 relative); so does the import
+    np.testing.assert_allclose(np.asarray(s.log_alphas), np.asarray(want.log_alphas), rtol=1e-4)
     path = tmp_path / "scheduler_config.json"
     path.write_text(json.dumps({**cfg, "prediction_type": "sample"}))
     s2, mt2 = dpmjax.VPDiscrete.from_diffusers_config(str(path))
@@ -150,13 +151,13 @@ def test_from_diffusers_config_dict_and_file(x64, tmp_path):
     path.write_text(json.dumps({"beta_schedule": "linear"}))
     s3, mt3 = dpmjax.VPDiscrete.from_diffusers_config(path)
     assert mt3 == "noise" and s3.N == 1000
-    np.testing.assert_allclose(np.asarray(s3.log_alphas), _np_log_alphas(_named_betas("linear", 1000)), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(s3.log_alphas), _np_log_alphas(_named_betas("linear", 1000)), rtol=1e-3)
     # trained_betas win over beta_schedule
     betas = np.linspace(2e-4, 0.03, 300)
     s4, mt4 = dpmjax.VPDiscrete.from_diffusers_config(
         {"trained_betas": betas.tolist(), "beta_schedule": "linear", "prediction_type": "epsilon"})
     assert mt4 == "noise" and s4.N == 300
-    np.testing.assert_allclose(np.asarray(s4.log_alphas), _np_log_alphas(betas), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(s4.log_alphas), _np_log_alphas(betas), rtol=1e-3)
     with pytest.raises(ValueError, match="prediction_type"):
         dpmjax.VPDiscrete.from_diffusers_config({"prediction_type": "flow"})
 
