@@ -538,9 +538,11 @@ def _solver_options(name, cfg, *, steps, flow):
                        order=cfg["solver_order"], variant=cfg["solver_type"],
                        disable_corrector=tuple(int(i) + 1 for i in cfg["disable_corrector"]))
     else:
+        # diffusers' singlestep "midpoint" also takes DPM-Solver-3's second stage by the midpoint rule
+        midpoint = "midpoint" if name == SINGLESTEP else "dpmsolver"
         options.update(method="singlestep" if name == SINGLESTEP else "multistep", algorithm=cfg["algorithm_type"],
                        order=cfg["solver_order"],
-                       solver_type={"midpoint": "dpmsolver", "heun": "taylor"}[cfg["solver_type"]])
+                       solver_type={"midpoint": midpoint, "heun": "taylor"}[cfg["solver_type"]])
     return options
 
 

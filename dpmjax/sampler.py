@@ -188,7 +188,7 @@ def sample(
         :class:`dpmjax.EDM`) or ``"flow"`` (velocity ``eps - x0``, with :class:`dpmjax.RectifiedFlow`).
       algorithm: ``"dpmsolver++"`` (integrate the data prediction; use it with guidance),
         ``"dpmsolver"`` (the noise prediction), or their stochastic versions
-        ``"sde-dpmsolver++"``/``"sde-dpmsolver"`` (multistep, order 1 or 2).
+        ``"sde-dpmsolver++"`` (multistep, order 1 to 3) / ``"sde-dpmsolver"`` (order 1 or 2).
       method: ``"multistep"``, ``"singlestep"`` (DPM-Solver-fast: mixed orders summing to
         ``steps``), ``"singlestep_fixed"``, ``"unipc"`` (predictor-corrector) or
         ``"adaptive"`` (DPM-Solver-12/23 with ``atol``, ``rtol``, ``h_init``, ``theta``,
@@ -207,7 +207,10 @@ def sample(
       lower_order_final: lower the order of the last steps (multistep: only for
         ``steps < 10``; UniPC: always), which stabilises very few steps.
       denoise_to_zero: return the data prediction at ``t_end`` (one more NFE).
-      solver_type: ``"dpmsolver"`` or ``"taylor"`` second-order corrections.
+      solver_type: ``"dpmsolver"`` or ``"taylor"`` second-order corrections; ``"midpoint"`` is
+        ``"dpmsolver"`` except that singlestep order 3 reaches its second intermediate point
+        by the midpoint second-order step too (diffusers' singlestep scheduler), where
+        DPM-Solver-3 uses the ``"taylor"`` one.
       thresholding: dynamic thresholding of the data prediction (``"++"`` only),
         with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction).
       correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step
@@ -525,6 +528,7 @@ def invert(
     variant: str = "bh2",
     disable_corrector=(),
     timesteps: Optional[jax.Array] = None,
+    model_timesteps: Optional[jax.Array] = None,
     orders: Optional[tuple] = None,
     return_info: bool = False,
 ):
@@ -536,7 +540,8 @@ def invert(
     ``sample(..., noise=invert(x))`` returns ``x`` up to the solver's error on both legs.
     Takes the deterministic fixed-step options of :func:`sample` (same meaning);
     ``timesteps`` is then a strictly *increasing* grid of ``steps + 1`` times (a plain
-    array: a :class:`dpmjax.FittedGrid`'s network times belong to the sampling direction).
+    array: a :class:`dpmjax.FittedGrid`'s network times belong to the sampling direction),
+    and ``model_timesteps`` the network's times of the same evaluations, if they differ.
 
     Example::
 
@@ -561,7 +566,7 @@ def invert(
         skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=False, solver_type=solver_type,
         thresholding=thresholding, thresholding_max_val=thresholding_max_val,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
-        orders=orders, timesteps=timesteps,
+        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps,
     )
     if guidance == "classifier":
         opts = dataclasses.replace(opts, model_type="noise")
@@ -569,20 +574,21 @@ def invert(
         if t_start is not None or t_end is not None:
             raise ValueError("give either timesteps (its first and last entries are the end points) or "
                              "t_start/t_end, not both")
-        _solvers.check_grid(opts, schedule, timesteps, None, direction="increasing")
+        _solvers.check_grid(opts, schedule, timesteps, model_timesteps, direction="increasing")
         lo = hi = None
     else:
         # invert integrates upwards: t_start < t_end. Checked with the sampling rules
         # (first argument the larger time) but reported under invert's own names.
         hi, lo = _solvers.resolve_times(schedule, schedule.T if t_end is None else t_end,
                                         schedule.t_eps if t_start is None else t_start, names=("t_end", "t_start"))
+        _solvers.check_grid(opts, schedule, None, model_timesteps)
     host = _solvers._host
     run = _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=False,
                return_intermediate=_solvers._boolean("return_intermediate", return_intermediate),
                return_info=_solvers._boolean("return_info", return_info))
     dtype = _solvers.compute_dtype()
     scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
-    solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps), None)
+    solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps), host(model_timesteps))
     return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, None, solver, schedule, params, None, x0,
                        condition, unconditional_condition, scale)
 

@@ -49,7 +49,7 @@ __all__ = [
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
 METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive")
-SOLVER_TYPES = ("dpmsolver", "taylor")
+SOLVER_TYPES = ("dpmsolver", "taylor", "midpoint")
 UNIPC_VARIANTS = ("bh1", "bh2")
 
 #: the methods a fixed-step :class:`Solver` implements (``"adaptive"`` is its own loop)
@@ -314,9 +314,11 @@ def make_options(
                                      orders=orders))
     if method in ("multistep", "singlestep_fixed", "unipc") and steps < order:
         raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
-    if algorithm.startswith("sde-") and (method != "multistep" or order > 2):
+    max_sde = 3 if algorithm == "sde-dpmsolver++" else 2
+    if algorithm.startswith("sde-") and (method != "multistep" or order > max_sde):
         raise ValueError(
-            f"algorithm={algorithm!r} supports method='multistep' with order 1 or 2; got method={method!r}, order={order}"
+            f"algorithm={algorithm!r} supports method='multistep' with order 1 to {max_sde}; got method={method!r}, "
+            f"order={order}"
         )
     if thresholding and not algorithm.endswith("++"):
         raise ValueError("thresholding=True needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
@@ -706,7 +708,11 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps) 
         in_scale=scale(t_eval).reshape((n,)), x_scale=scale(plan.t_state).reshape((n,)),
     )
     end_scale = jnp.ones((), dtype) if opts.denoise_to_zero else scale(t_end)
-    return Solver(plan=plan, start_scale=scale(t_start), end_scale=end_scale, options=opts, layout=layout)
+    # One dtype throughout (a schedule built before jax_enable_x64 was switched on keeps
+    # float32 tables).
+    plan = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, plan)
+    return Solver(plan=plan, start_scale=scale(t_start).astype(dtype), end_scale=end_scale.astype(dtype), options=opts,
+                  layout=layout)
 
 
 build = jax.jit(_build, static_argnums=(0,))

@@ -208,20 +208,25 @@ def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data
     r1 = (lam_1 - lam_2) / h
     zero = xp.zeros_like(h * r0 * r1)
     base = -c * phi1
-    if solver_type == "dpmsolver":
+    if solver_type in ("dpmsolver", "midpoint"):
         k2 = -0.5 * c * phi1
     else:
         k2 = -c * psi2
     nz = zero
+    k2_3, k3 = -c * psi2, -c * psi3  # 3rd order: the D1 (taylor) and D2 coefficients
     if stochastic:
         if predict_data:
             A = A * xp.exp(-h)
             base = -c * xp.expm1(-2.0 * h)
-            k2 = 0.5 * base if solver_type == "dpmsolver" else c * (xp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+            k2_3 = c * (xp.expm1(-2.0 * h) / (2.0 * h) + 1.0)
+            k2 = 0.5 * base if solver_type in ("dpmsolver", "midpoint") else k2_3
+            # the h^2 term of the same integral, 2 alpha_t int_0^h e^-2u ((h - u)/h)^2 / 2 du
+            # in the 3M D2 convention: alpha_t ((1 - e^-2h - 2h)/(2h)^2 - 1/2)
+            k3 = c * ((-xp.expm1(-2.0 * h) - 2.0 * h) / (4.0 * h * h) - 0.5)
             nz = xp.exp(ls_t) * xp.sqrt(-xp.expm1(-2.0 * h))
         else:
             base = -2.0 * c * xp.expm1(h)
-            k2 = -c * xp.expm1(h) if solver_type == "dpmsolver" else -2.0 * c * (xp.expm1(h) / h - 1.0)
+            k2 = -c * xp.expm1(h) if solver_type in ("dpmsolver", "midpoint") else -2.0 * c * (xp.expm1(h) / h - 1.0)
             nz = c * xp.sqrt(xp.expm1(2.0 * h))
     o1 = (base + zero, zero, zero)
     o2 = (base + k2 / r0, -k2 / r0, zero)
@@ -230,7 +235,7 @@ def multistep_coefficients(la_s, ls_s, la_t, ls_t, lam_1, lam_2, *, predict_data
     w = r0 / (r0 + r1)
     D1 = tuple(a + w * (a - b) for a, b in zip(d10, d11))
     D2 = tuple((a - b) / (r0 + r1) for a, b in zip(d10, d11))
-    o3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(o1, D1, D2))
+    o3 = tuple(b0 + k2_3 * d1 + k3 * d2 for b0, d1, d2 in zip(o1, D1, D2))
     return A + zero, nz + zero, (o1, o2, o3)
 
 
@@ -245,7 +250,9 @@ def multistep_plan(
     correction of ``D1_0``; order 3 adds ``- c psi2 D1 - c psi3 D2`` with
     ``D1 = D1_0 + r0/(r0 + r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``.
 
-    ``stochastic=True`` gives SDE-DPM-Solver(++) (Lu et al. 2022b, Sec. 5; orders 1, 2),
+    ``stochastic=True`` gives SDE-DPM-Solver(++) (Lu et al. 2022b, Sec. 5; orders 1, 2, and
+    order 3 for data prediction, whose D2 term ``alpha_t ((1 - e^-2h - 2h)/(2h)^2 - 1/2) D2``
+    is the next term of the same integral, as in diffusers' SDE-DPM-Solver++(3M)),
     the exact solution of the diffusion SDE's linear part with the model term expanded
     to first order in lambda, ``m(lam) ~ m_0 + (lam - lam_s) D1_0 / h``:
 
@@ -297,7 +304,8 @@ def singlestep_coefficients(la_s, ls_s, la_t, ls_t, la_1, ls_1, la_2, ls_2, *, p
       f[1] m_s1 + f[2] m_s2``;
     * ``E1 = (a, (e0, e1, e2))``: the stage-1 point ``x_s1 = a x_s + e . m`` (order-1 step);
     * ``E2``: the stage-2 point ``x_s2``: order-1 step to ``s2`` ``- (r2/r1) c_s2 psi2(s -> s2)
-      (m_s1 - m_s)``.
+      (m_s1 - m_s)`` (``solver_type="midpoint"``: ``+ (r2/r1) c_s2 phi1(s -> s2) (m_s1 - m_s) / 2``,
+      the midpoint second-order step, as diffusers' ``DPMSolverSinglestepScheduler`` takes it).
 
     Order 2 ("dpmsolver"): ``- (0.5/r1) c phi1 D``; ("taylor"): ``- (1/r1) c psi2 D``,
     ``D = m_s1 - m_s``. Order 3 ("dpmsolver"): ``- (1/r2) c psi2 (m_s2 - m_s)``;
@@ -315,9 +323,9 @@ def singlestep_coefficients(la_s, ls_s, la_t, ls_t, la_1, ls_1, la_2, ls_2, *, p
     zero = xp.zeros_like(h * r1 * r2)
     base = -c * phi1
     f1 = (base + zero, zero, zero)
-    k2 = -0.5 * c * phi1 if solver_type == "dpmsolver" else -c * psi2
+    k2 = -0.5 * c * phi1 if solver_type in ("dpmsolver", "midpoint") else -c * psi2
     f2 = (base - k2 / r1, k2 / r1, zero)
-    if solver_type == "dpmsolver":
+    if solver_type in ("dpmsolver", "midpoint"):
         f3 = (base + c * psi2 / r2, zero, -c * psi2 / r2)
     else:
         d10 = (-1 / r1, 1 / r1, zero)
@@ -325,7 +333,9 @@ def singlestep_coefficients(la_s, ls_s, la_t, ls_t, la_1, ls_1, la_2, ls_2, *, p
         D1 = tuple((r2 * a - r1 * b) / (r2 - r1) for a, b in zip(d10, d11))
         D2 = tuple(2 * (b - a) / (r2 - r1) for a, b in zip(d10, d11))
         f3 = tuple(b0 - c * psi2 * d1 - c * psi3 * d2 for b0, d1, d2 in zip(f1, D1, D2))
-    q = (r2 / r1) * c2 * psi2_2
+    # DPM-Solver-3's second stage is the "taylor" second-order step to s2; "midpoint"
+    # (diffusers' singlestep scheduler) takes its own second-order step there.
+    q = (r2 / r1) * (0.5 * c2 * phi1_2 if solver_type == "midpoint" else c2 * psi2_2)
     E1 = (A1 + zero, (-c1 * phi1_1 + zero, zero, zero))
     E2 = (A2 + zero, (-c2 * phi1_2 + q, -q, zero))
     return A + zero, (f1, f2, f3), E1, E2

@@ -10,7 +10,6 @@ The toy network, identical to the script's torch version::
     net(x, t)[:, c] = 1.5 * tanh(W[c] * x[:, c mod C] + 0.1 * sin(t / 97) + 0.05 * c)
 """
 
-import inspect
 import json
 import os
 
@@ -175,14 +174,9 @@ def net(params, x, t):
 
 net.learned_range = False
 
-_SIG = inspect.signature(dpmjax.sample).parameters
-_CORE = "orders" in _SIG and hasattr(dpmjax, "solver")
-needs_core = pytest.mark.xfail(not _CORE, reason="needs core support: orders/final zero/singlestep timesteps",
-                               strict=False)
 E2E = [n for n in MAPPED if "x_T_" + n in DATA and "noise_" + n not in DATA]
 
 
-@needs_core
 @pytest.mark.parametrize("name", E2E)
 def test_sample_matches_diffusers_loop(name):
     cfg, steps, mu = _entry(name)
@@ -204,7 +198,6 @@ def test_sample_matches_diffusers_loop(name):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
 
 
-@needs_core
 @pytest.mark.parametrize("name", [n for n in NAMES if "noise_" + n in DATA])
 def test_sde_step_api_with_recorded_noise(name):
     cfg, steps, mu = _entry(name)
