@@ -75,7 +75,7 @@ _PREDICTION = {"epsilon": "noise", "sample": "x_start", "v_prediction": "v", "fl
 # Keys each class accepts; value None: any value is honoured; otherwise the honoured values.
 _VP_TABLE = {"num_train_timesteps": None, "beta_start": None, "beta_end": None, "beta_schedule": None,
              "trained_betas": None}
-_SOLVER = {"solver_order": (1, 2, 3), "prediction_type": tuple(_PREDICTION), "thresholding": (False,),
+_SOLVER = {"solver_order": (1, 2, 3), "prediction_type": tuple(_PREDICTION), "thresholding": (False, True),
            "dynamic_thresholding_ratio": None, "sample_max_value": None, "lower_order_final": (True, False)}
 _SIGMAS = {"use_karras_sigmas": (True, False), "use_exponential_sigmas": (True, False),
            "use_beta_sigmas": (True, False), "use_flow_sigmas": (True, False), "flow_shift": None}
@@ -543,6 +543,14 @@ def _solver_options(name, cfg, *, steps, flow):
         options.update(method="singlestep" if name == SINGLESTEP else "multistep", algorithm=cfg["algorithm_type"],
                        order=cfg["solver_order"],
                        solver_type={"midpoint": midpoint, "heun": "taylor"}[cfg["solver_type"]])
+    if cfg.get("thresholding"):
+        if not options["algorithm"].endswith("++"):
+            raise ValueError(f"thresholding=True with a noise-prediction solver ({cfg.get('algorithm_type')!r} / "
+                             "predict_x0=False) is not supported: diffusers thresholds x0 and converts it back to "
+                             "noise; use a data-prediction solver (algorithm_type='dpmsolver++', predict_x0=True)")
+        # diffusers clamps the per-sample quantile to [1, sample_max_value]
+        options.update(thresholding=True, dynamic_thresholding_ratio=float(cfg["dynamic_thresholding_ratio"]),
+                       thresholding_max_val=1.0, sample_max_value=float(cfg["sample_max_value"]))
     return options
 
 

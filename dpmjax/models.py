@@ -67,15 +67,20 @@ def to_data(out, x, alpha, sigma, model_type: str):
     raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
 
 
-def dynamic_threshold(x0, ratio=0.995, max_val=1.0):
+def dynamic_threshold(x0, ratio=0.995, max_val=1.0, sample_max_value=None):
     """Dynamic thresholding of Imagen (Saharia et al. 2022), as in DPM-Solver++.
 
     Per sample, ``q = quantile(|x0|, ratio)`` (a fraction: ``jnp.quantile``, not
-    ``percentile``), ``q = max(q, max_val)``, ``x0 = clip(x0, -q, q) / q``.
+    ``percentile``), ``q = max(q, max_val)``, ``x0 = clip(x0, -q, q) / q``. With
+    ``sample_max_value`` also ``q = min(q, sample_max_value)`` (diffusers' form, which
+    clamps ``q`` to ``[1, sample_max_value]``).
     """
     b = x0.shape[0]
     q = jnp.quantile(jnp.abs(x0).reshape(b, -1), ratio, axis=1)
-    q = _bcast(jnp.maximum(q, max_val), x0)
+    q = jnp.maximum(q, max_val)
+    if sample_max_value is not None:
+        q = jnp.minimum(q, sample_max_value)
+    q = _bcast(q, x0)
     return jnp.clip(x0, -q, q) / q
 
 

@@ -11,6 +11,7 @@ method is its own ``lax.while_loop`` (:mod:`dpmjax.adaptive`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import numbers
@@ -44,7 +45,8 @@ class _Run:
     stochastic: bool
     return_intermediate: bool
     return_info: bool
-    adaptive: tuple = ()  # (order, predict_data, solver_type, thresholding, ratio, max_val, atol, rtol, h_init, theta, t_err, max_nfe)
+    adaptive: tuple = ()  # (order, predict_data, solver_type, thresholding, ratio, max_val, sample_max_value,
+    #                        atol, rtol, h_init, theta, t_err, max_nfe)
 
 
 def _check_shape(shape):
@@ -166,6 +168,7 @@ def sample(
     return_info: bool = False,
     sharding: Optional[jax.sharding.Sharding] = None,
     orders: Optional[tuple] = None,
+    sample_max_value: Optional[float] = None,
 ):
     """Sample a diffusion model by solving its probability-flow ODE (or diffusion SDE) from ``t_start`` to ``t_end``.
 
@@ -212,7 +215,9 @@ def sample(
         by the midpoint second-order step too (diffusers' singlestep scheduler), where
         DPM-Solver-3 uses the ``"taylor"`` one.
       thresholding: dynamic thresholding of the data prediction (``"++"`` only),
-        with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction).
+        with ``thresholding_max_val`` and ``dynamic_thresholding_ratio`` (a fraction), and
+        optionally ``sample_max_value``, an upper bound of the threshold (diffusers' form:
+        the threshold clamped to ``[thresholding_max_val, sample_max_value]``).
       correcting_xt_fn: optional ``f(x, t, step) -> x`` applied to the state after each step
         (in user scale, like ``noise`` and the result: VE scale for ``EDM``); it must return
         an array of ``x``'s shape. Not for ``method="adaptive"``.
@@ -299,24 +304,13 @@ def sample(
             if v != _ADAPTIVE_DEFAULTS[name]:
                 raise ValueError(f"{name}={v!r} does not apply to method={method!r} (it is an option of "
                                  "method='adaptive'); remove it")
-    # The solver's options (checked the same way for the adaptive method, whose stages are
-    # those of singlestep): under classifier guidance the solver is fed guided noise.
-    opts = _solvers.make_options(
-        schedule, model_type=model_type, algorithm=algorithm,
-        method="singlestep" if method == "adaptive" else method, order=order,
-        steps=max(steps, order) if method == "adaptive" and isinstance(steps, int) else steps,
-        skip_type=skip_type, denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
+    prepared = _prepare(schedule, guidance, method, dict(
+        model_type=model_type, algorithm=algorithm, order=order, steps=steps, skip_type=skip_type,
+        denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
         thresholding_max_val=thresholding_max_val, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-        timesteps=timesteps, model_timesteps=model_timesteps,
-        **(dict(lower_order_final=True, variant="bh2", disable_corrector=(), orders=None) if method == "adaptive" else
-           dict(lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector,
-                orders=orders)),
-    )
-    if guidance == "classifier":
-        opts = dataclasses.replace(opts, model_type="noise")
-    if timesteps is None:
-        t_start, t_end = _solvers.resolve_times(schedule, t_start, t_end)
-    _solvers.check_grid(opts, schedule, timesteps, model_timesteps)
+        lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector, orders=orders,
+        sample_max_value=sample_max_value), t_start, t_end, timesteps, model_timesteps)
+    opts, t_start, t_end, solver = prepared
     if noise is None:
         check_key("key", key)
     else:
@@ -340,13 +334,72 @@ def sample(
     if method == "adaptive":
         run = dataclasses.replace(run, adaptive=(
             order, opts.predict_data, solver_type, opts.thresholding, opts.dynamic_thresholding_ratio,
-            opts.thresholding_max_val) + _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe,
+            opts.thresholding_max_val, opts.sample_max_value) + _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe,
                                                           t_start, t_end))
         return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
                              noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
-    solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps))
     return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
                        condition, unconditional_condition, scale)
+
+
+class _Uncacheable(Exception):
+    pass
+
+
+def _freeze(v):
+    """A hashable stand-in for a concrete argument value (raises for arrays that live on a
+    device or are traced: those calls are not cached)."""
+    if v is None or isinstance(v, (bool, int, float, str, np.generic)):
+        return v
+    if isinstance(v, np.ndarray):
+        return ("nd", v.dtype.str, v.shape, v.tobytes())
+    if isinstance(v, (tuple, list)):
+        return tuple(_freeze(u) for u in v)
+    raise _Uncacheable
+
+
+_PREPARED: "collections.OrderedDict" = collections.OrderedDict()
+_PREPARED_MAX = 64
+
+
+def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_timesteps):
+    """``(opts, t_start, t_end, solver)``: the checked options and, for fixed-step methods,
+    the solver's tables, computed once per concrete configuration and reused (a repeated
+    call with the same options, schedule and times skips straight to the compiled scan)."""
+    try:
+        key = (method, guidance, id(schedule), jax.config.jax_enable_x64,
+               tuple((k, _freeze(v)) for k, v in kw.items()), _freeze(t_start), _freeze(t_end),
+               _freeze(timesteps), _freeze(model_timesteps))
+        hash(key)
+    except (_Uncacheable, TypeError):
+        key = None
+    if key is not None:
+        hit = _PREPARED.get(key)
+        if hit is not None and hit[0] is schedule:
+            _PREPARED.move_to_end(key)
+            return hit[1]
+    # The solver's options (checked the same way for the adaptive method, whose stages are
+    # those of singlestep): under classifier guidance the solver is fed guided noise.
+    if method == "adaptive":
+        kw = dict(kw, lower_order_final=True, variant="bh2", disable_corrector=(), orders=None,
+                  steps=max(kw["steps"], kw["order"]) if isinstance(kw["steps"], int) else kw["steps"])
+    opts = _solvers.make_options(schedule, method="singlestep" if method == "adaptive" else method,
+                                 timesteps=timesteps, model_timesteps=model_timesteps, **kw)
+    if guidance == "classifier":
+        opts = dataclasses.replace(opts, model_type="noise")
+    if timesteps is None:
+        t_start, t_end = _solvers.resolve_times(schedule, t_start, t_end)
+    _solvers.check_grid(opts, schedule, timesteps, model_timesteps)
+    solver = None
+    if method != "adaptive":
+        host = _solvers._host
+        solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps))
+    out = (opts, t_start, t_end, solver)
+    if key is not None:
+        _PREPARED[key] = (schedule, out)
+        if len(_PREPARED) > _PREPARED_MAX:
+            _PREPARED.popitem(last=False)
+    return out
 
 
 def _model_caller(run: _Run, model_fn, classifier_fn, schedule, params, condition, uncond, scale):
@@ -467,7 +520,7 @@ def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key, noise,
                   condition, uncond, scale, t_start, t_end):
-    (order, predict_data, solver_type, thresholding, ratio, max_val,
+    (order, predict_data, solver_type, thresholding, ratio, max_val, sample_max_value,
      atol, rtol, h_init, theta, t_err, max_nfe) = run.adaptive
     dtype = _solvers.compute_dtype()
     scale = jnp.asarray(scale, dtype)
@@ -482,7 +535,7 @@ def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding,
         out = call(x_in, jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype), x, alpha, sigma, sc)
         m = (_models.to_data if data else _models.to_noise)(out, x, alpha, sigma, model_type)
         if data and thresholding:
-            m = _models.dynamic_threshold(m, ratio, max_val)
+            m = _models.dynamic_threshold(m, ratio, max_val, sample_max_value)
         return m
 
     x = x_T * schedule.state_scale(t_start)
@@ -531,6 +584,7 @@ def invert(
     model_timesteps: Optional[jax.Array] = None,
     orders: Optional[tuple] = None,
     return_info: bool = False,
+    sample_max_value: Optional[float] = None,
 ):
     """ODE encoding: run the same solvers backwards, from ``t_start`` (default
     ``schedule.t_eps``) *up* to ``t_end`` (default ``schedule.T``), mapping data to noise.
@@ -566,7 +620,7 @@ def invert(
         skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=False, solver_type=solver_type,
         thresholding=thresholding, thresholding_max_val=thresholding_max_val,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
-        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps,
+        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps, sample_max_value=sample_max_value,
     )
     if guidance == "classifier":
         opts = dataclasses.replace(opts, model_type="noise")

@@ -213,6 +213,7 @@ class Options:
     thresholding: bool
     thresholding_max_val: float
     dynamic_thresholding_ratio: float
+    sample_max_value: Optional[float]
     variant: str
     use_corrector: tuple
     orders: tuple  # per step (multistep, unipc) or per outer step (singlestep)
@@ -282,7 +283,7 @@ def _check_orders(orders, method, order, steps):
 def make_options(
     schedule, *, model_type, algorithm, method, order, steps, skip_type, lower_order_final, denoise_to_zero,
     solver_type, thresholding, thresholding_max_val, dynamic_thresholding_ratio, variant, disable_corrector,
-    orders=None, timesteps=None, model_timesteps=None,
+    orders=None, timesteps=None, model_timesteps=None, sample_max_value=None,
 ) -> Options:
     """All checks of a fixed-step solver's options (before anything is traced)."""
     if not isinstance(schedule, NoiseSchedule):
@@ -328,6 +329,12 @@ def make_options(
     max_val = _real("thresholding_max_val", thresholding_max_val)
     if max_val <= 0:
         raise ValueError(f"thresholding_max_val must be > 0; got {max_val}")
+    if sample_max_value is not None:
+        if not thresholding:
+            raise ValueError("sample_max_value (the largest threshold) needs thresholding=True")
+        sample_max_value = _real("sample_max_value", sample_max_value)
+        if sample_max_value < max_val:
+            raise ValueError(f"sample_max_value must be >= thresholding_max_val = {max_val}; got {sample_max_value}")
     # use_corrector[n]: correct the state at ts[n], i.e. step n (1-based), in row n
     # (updates.unipc_plan); n = 0 is unused and the last step (n = steps) is never corrected.
     if isinstance(disable_corrector, (str, bytes)) or not isinstance(disable_corrector, (tuple, list, np.ndarray)):
@@ -353,7 +360,7 @@ def make_options(
         model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps, skip_type=skip_type,
         lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero, solver_type=solver_type,
         thresholding=thresholding, thresholding_max_val=max_val, dynamic_thresholding_ratio=ratio,
-        variant=variant, use_corrector=tuple(bool(u) for u in use_corrector), orders=orders,
+        sample_max_value=sample_max_value, variant=variant, use_corrector=tuple(bool(u) for u in use_corrector), orders=orders,
         custom_grid=timesteps is not None, custom_model_times=model_timesteps is not None,
     )
 
@@ -522,7 +529,7 @@ class Solver:
             for r in range(n):
                 out = net(y / in_scale[r], t_model[r])          # the raw network output
                 m = out_coef[r] * out + x_coef[r] * y           # model_type -> data or noise
-                if thresholding: m = dynamic_threshold(m, ratio, max_val)   # data only
+                if thresholding: m = dynamic_threshold(m, ratio, max_val, sample_max_value)
                 hist[slot[r]] = m
                 x = ax[r] * x + bx[r] * y + sum_k cx[r, k] hist[k] + nz[r] * N(0, I)
                 y = ay[r] * x + sum_k cy[r, k] hist[k]
@@ -551,6 +558,7 @@ class Solver:
             thresholding=bool(self.options.thresholding),
             dynamic_thresholding_ratio=self.options.dynamic_thresholding_ratio,
             thresholding_max_val=self.options.thresholding_max_val,
+            sample_max_value=self.options.sample_max_value,
             model_type=self.options.model_type, algorithm=self.options.algorithm, method=self.options.method,
         )
         return out
@@ -590,7 +598,7 @@ class Solver:
         conv = _models.to_data if o.predict_data else _models.to_noise
         m = conv(out, y, row.alpha, row.sigma, o.model_type)
         if o.predict_data and o.thresholding:
-            m = _models.dynamic_threshold(m, o.dynamic_thresholding_ratio, o.thresholding_max_val)
+            m = _models.dynamic_threshold(m, o.dynamic_thresholding_ratio, o.thresholding_max_val, o.sample_max_value)
         return m
 
     def _advance(self, state, out, row, noise=None, correct=None, flags=None):
@@ -740,6 +748,7 @@ def solver(
     timesteps=None,
     model_timesteps=None,
     orders=None,
+    sample_max_value=None,
 ) -> Solver:
     """A fixed-step solver for a hand-written sampling loop (the one-step API).
 
@@ -776,7 +785,7 @@ def solver(
         skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
         solver_type=solver_type, thresholding=thresholding, thresholding_max_val=thresholding_max_val,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
-        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps,
+        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps, sample_max_value=sample_max_value,
     )
     if timesteps is not None and (t_start is not None or t_end is not None):
         raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end")

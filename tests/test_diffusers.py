@@ -41,7 +41,7 @@ def _schedule_sigma(schedule, ts):
     return out
 
 
-MAPPED = [n for n in NAMES if "threshold" not in n]
+MAPPED = list(NAMES)
 
 
 @pytest.mark.parametrize("name", MAPPED)
@@ -89,7 +89,8 @@ def test_options_are_a_plain_printable_dict():
 @pytest.mark.parametrize("cfg, word", [
     ({"_class_name": "DPMSolverMultistepScheduler", "no_such_key": 1}, "no_such_key"),
     ({"_class_name": "EulerDiscreteScheduler"}, "EulerDiscreteScheduler"),
-    ({"_class_name": "DPMSolverMultistepScheduler", "thresholding": True}, "thresholding"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "thresholding": True, "algorithm_type": "dpmsolver",
+      "final_sigmas_type": "sigma_min"}, "thresholding"),
     ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "deis"}, "algorithm_type"),
     ({"_class_name": "UniPCMultistepScheduler", "solver_p": "x"}, "solver_p"),
     ({"_class_name": "DPMSolverMultistepScheduler", "num_train_timesteps": None}, "num_train_timesteps"),
