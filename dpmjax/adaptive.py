@@ -80,6 +80,7 @@ def adaptive_solve(predict, schedule, x, t_start, t_end, *, order, predict_data,
         # E = 0 (identical solutions) would give an infinite factor: cap the growth. A
         # non-finite E makes h non-finite, which ends the loop as unfinished.
         factor = jnp.where(E > 0, E, jnp.asarray(1e-10, dtype)) ** (-1.0 / order)
+        factor = jnp.where(jnp.isfinite(E), factor, jnp.nan)
         h = jnp.minimum(theta * h * factor, lam_end - schedule.lambda_(s))
         return x, x_prev, s, h, nfe + order, acc + ok, rej + (~ok)
 

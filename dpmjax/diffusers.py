@@ -165,7 +165,12 @@ def _resolve(config, scheduler):
     cfg, where = _read(config)
     name = cfg.get("_class_name", scheduler)
     if scheduler is not None and cfg.get("_class_name") not in (None, scheduler):
-        raise ValueError(f"scheduler={scheduler!r} contradicts _class_name={cfg['_class_name']!r} in {where}")
+        # Another class's config (e.g. Stable Diffusion's PNDMScheduler) used for this solver:
+        # as diffusers' ``scheduler_class.from_config(config)``, keep the keys the class takes.
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={scheduler!r} is not supported; supported: {SCHEDULERS}")
+        cfg = {k: v for k, v in cfg.items() if k in _KEYS[scheduler]}
+        name = scheduler
     if name is None:
         raise ValueError(f"{where} has no _class_name: pass scheduler= (one of {SCHEDULERS})")
     if name not in SCHEDULERS:
@@ -441,8 +446,11 @@ def from_diffusers(config, num_inference_steps: int, *, scheduler: str | None = 
       config: a Mapping, a path to ``scheduler_config.json``, a directory holding one, or
         an object with a ``.config`` mapping (a diffusers scheduler).
       num_inference_steps: diffusers' ``set_timesteps(num_inference_steps)``.
-      scheduler: the class name when the config has no ``_class_name`` (one of
-        :data:`SCHEDULERS`).
+      scheduler: the solver class when the config has no ``_class_name`` (one of
+        :data:`SCHEDULERS`), or to use another class's config with this solver, as
+        diffusers' ``DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)`` does
+        (e.g. Stable Diffusion 1.5 ships a ``PNDMScheduler`` config): the keys that class
+        does not take are dropped, as diffusers drops them.
       mu: diffusers' ``set_timesteps(mu=...)`` for ``use_dynamic_shifting=True``.
 
     Returns ``(schedule, options)``; ``options`` is a plain dict of :func:`dpmjax.sample`

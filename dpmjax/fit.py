@@ -246,10 +246,9 @@ def fit_timesteps(
     """Fit a ``steps``-step time grid to a model for one multistep or UniPC solver.
 
     Args:
-      model_fn, params, schedule, model_type, algorithm ("dpmsolver++"/"dpmsolver"),
-        method ("multistep"/"unipc"), order, solver_type, variant, lower_order_final,
-        t_start, t_end, condition, unconditional_condition, guidance_scale: as in
-        :func:`dpmjax.sample`; the grid is fitted for this solver configuration (the
+      model_fn, params, schedule, model_type, algorithm, method, order, solver_type, variant, lower_order_final, t_start, t_end, condition, unconditional_condition, guidance_scale: as in
+        :func:`dpmjax.sample` (``algorithm`` "dpmsolver++" or "dpmsolver", ``method``
+        "multistep" or "unipc"); the grid is fitted for this solver configuration (the
         dynamic program always uses the multistep update of ``order``; for UniPC its grid
         is one of the starting points of the refinement).
       key, shape: the reference trajectories start from ``x_T`` drawn from ``key`` with

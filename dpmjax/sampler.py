@@ -230,10 +230,10 @@ def sample(
       classifier_fn: classifier guidance, ``classifier_fn(x, t, condition)`` returning
         per-sample log-probabilities; ``eps <- eps - guidance_scale sigma_t grad_x log p``.
       variant: UniPC's ``"bh1"`` or ``"bh2"``.
-      disable_corrector: UniPC steps (1-based) whose corrector is skipped.
-
-      Options that do not apply to ``method`` (``variant`` without UniPC, ``atol`` without
-      ``"adaptive"``, ...) raise ``ValueError`` when given a value other than their default.
+      disable_corrector: UniPC steps (1-based) whose corrector is skipped; like every
+        option that does not apply to the chosen ``method`` (``variant`` without UniPC,
+        ``atol`` without ``"adaptive"``, ...), it raises ``ValueError`` for another method
+        when given a value other than its default.
       timesteps: a strictly decreasing grid of ``steps + 1`` times in ``(0, T]`` replacing
         the built-in one (multistep, UniPC and singlestep, whose outer steps end at the
         indices ``cumsum([0] + orders)`` with inner points at the grid points between), or a
