@@ -258,7 +258,8 @@ def fit_timesteps(
       fine_steps: reference solver steps (order-3 multistep, a multiple of
         ``n_candidates``; default ``8 n_candidates``).
       refine_iters, refine_lr: Adam iterations and learning rate of the refinement of
-        the global error (0 iterations: return the dynamic program's grid).
+        the global error (0 iterations: return the dynamic program's grid; ``return_info``
+        still reports the global error of it and of the fixed grids).
       model_times: also fit the network's time input at each evaluation (default); with
         ``False`` only the solver's grid is fitted.
       progress: show a progress bar of the refinement (tqdm).
@@ -335,9 +336,6 @@ def fit_timesteps(
     path, cost = _dynamic_program(costs, orders, n + 1)
     dp_grid = tau[jnp.asarray(path)]
     info = {"dp_cost": cost, "dp_indices": np.asarray(path), "dp_grid": dp_grid}
-    if refine_iters == 0:
-        grid = FittedGrid(dp_grid, None)
-        return (grid, info) if return_info else grid
 
     # 4. Refine by gradient descent on the global error against the reference end points
     #    (LD3, Tong et al. 2025, arXiv:2405.15506), started from the best of the DP grid and
@@ -355,6 +353,10 @@ def fit_timesteps(
     grids = jnp.stack([dp_grid] + [_grid(schedule, sk, tau[0], tau[-1], steps) for sk in _ts.SKIP_TYPES])
     losses = np.asarray(_start_losses(static, schedule, params, x_start, x_ref, grids, extra), np.float64)
     start_losses = dict(zip(names, losses.tolist()))
+    if refine_iters == 0:  # the dynamic program's grid, with the global errors measured
+        info.update(start_losses=start_losses, start="dp", fit_loss=float(losses[0]))
+        grid = FittedGrid(dp_grid, None)
+        return (grid, info) if return_info else grid
     best = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan))) if np.isfinite(losses).any() else 0
     g0 = grids[best]
     u0 = {"u": jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6)),

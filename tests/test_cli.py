@@ -417,6 +417,10 @@ def test_fit_steps_without_refinement_reports_the_dynamic_program(capsys, moons_
     assert code == 0 and "nan" not in out
     cost = float(re.search(r"accumulated one-step error ([0-9.eE+-]+)", out).group(1))
     assert math.isfinite(cost) and cost > 0
+    # the grid is measured end to end like the fixed grids it is reported beside
+    err = float(re.search(r"grid \(no refinement\): error ([0-9.eE+-]+)", out).group(1))
+    fixed = dict((k, float(v)) for k, v in re.findall(r"(logSNR|time_uniform|karras) ([0-9.]+)", out))
+    assert math.isfinite(err) and err > 0 and set(fixed) == {"logSNR", "time_uniform", "karras"}
     doc = json.load(open(grid))
     assert (doc["method"], doc["order"], doc["refine_iters"], doc["model_times"]) == ("multistep", 2, 0, True)
 
