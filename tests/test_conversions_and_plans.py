@@ -58,7 +58,8 @@ def test_parameterisations_recover_eps_and_x0(model_type, per_sample):
 
 @pytest.mark.parametrize("fn", [dpmjax.to_noise, dpmjax.to_data])
 def test_unknown_model_type_is_named(fn):
-    with pytest.raises(ValueError, match="model_type"):
+    assert dpmjax.MODEL_TYPES == ("noise", "x_start", "v", "score", "edm", "flow")
+    with pytest.raises(ValueError, match=r"^model_type must be one of .*'flow'.*got 'epsilon'$"):
         fn(jnp.zeros((1, 2)), jnp.zeros((1, 2)), 0.5, 0.5, "epsilon")
 
 
@@ -69,6 +70,11 @@ def test_dynamic_threshold_by_hand():
     got = np.asarray(dpmjax.dynamic_threshold(x0, ratio=0.5, max_val=1.0))
     want = np.array([[0.5 / 1.5, -1.0, 1.0 / 1.5, 1.0], [0.1, -0.2, 0.3, 0.4]])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+    # the defaults are DPM-Solver++'s: ratio 0.995, max_val 1
+    row = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])  # quantile 0.995 = 2 + 0.985 = 2.985
+    np.testing.assert_allclose(np.asarray(dpmjax.dynamic_threshold(row)),
+                               np.array([[0.0, 1.0, 2.0, 2.985]]) / 2.985, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dpmjax.dynamic_threshold(x0[1:])), np.asarray(x0[1:]), rtol=1e-6)
     # max_val above every quantile: only division by max_val
     np.testing.assert_allclose(np.asarray(dpmjax.dynamic_threshold(x0, 0.5, 4.0)), np.asarray(x0) / 4.0, rtol=1e-6)
 
@@ -137,7 +143,7 @@ def test_time_grids_closed_forms():
     lam = lambda t: float(s.lambda_(t))  # noqa: E731
     got = np.asarray(ts.time_grid(s, "logSNR", a, b, n))
     np.testing.assert_allclose([lam(t) for t in got], lam(a) + u * (lam(b) - lam(a)), rtol=1e-5, atol=1e-5)
-    rho = ts.KARRAS_RHO
+    rho = 7.0  # Karras et al. (2022), Eq. 5
     np.testing.assert_allclose(np.asarray(ts.time_grid(s, "edm", a, b, n)),
                                (a ** (1 / rho) + u * (b ** (1 / rho) - a ** (1 / rho))) ** rho, rtol=1e-5)
     sig = lambda t: np.exp(-lam(t))  # noqa: E731 - VE noise level sigma/alpha

@@ -148,6 +148,7 @@ GRID_CASES = [
     (dict(t_start=float("nan")), ValueError, "t_start"),
     (dict(t_start=1.5), ValueError, "t_start"),
     (dict(t_end=None), TypeError, "t_end"),
+    (dict(t_start="1.0"), TypeError, "t_start"),
     (dict(skip_type="uniform"), ValueError, "skip_type"),
 ]
 
@@ -169,11 +170,26 @@ def test_time_grid_discrete_refuses_below_first_step():
 
 
 def test_time_grid_traced_ends_are_not_inspected():
-    """Under jit the end points are tracers: no concrete check, the grid is still right."""
+    """Under jit the end points are tracers: no concrete check, the grid is still right
+    (also when only one of them is traced)."""
     f = jax.jit(lambda a, b: dpmjax.time_grid(VP, "time_uniform", a, b, 4))
     ts = f(jnp.float32(0.8), jnp.float32(0.2))
     chex.assert_shape(ts, (5,))
     np.testing.assert_allclose(np.asarray(ts), [0.8, 0.65, 0.5, 0.35, 0.2], rtol=1e-6)
+    g = jax.jit(lambda a: dpmjax.time_grid(VP, "time_uniform", a, 0.2, 4))
+    np.testing.assert_allclose(np.asarray(g(jnp.float32(0.8))), [0.8, 0.65, 0.5, 0.35, 0.2], rtol=1e-6)
+
+
+def test_time_grid_accepts_edge_cases():
+    # one interval: the two end points
+    np.testing.assert_allclose(np.asarray(dpmjax.time_grid(VP, "logSNR", 1.0, 1e-3, 1)), [1.0, 1e-3], rtol=1e-6)
+    # compared in the compute dtype: 1 + 1e-9 is T = 1 in float32
+    assert float(dpmjax.time_grid(VP, "time_uniform", 1.0 + 1e-9, 0.5, 2)[0]) == 1.0
+    # a duck-typed schedule without t_min (only what the grid needs): t_end need only be > 0
+    duck = type("Duck", (), {"T": 1.0, "lambda_": VP.lambda_, "inverse_lambda": VP.inverse_lambda})()
+    np.testing.assert_allclose(np.asarray(dpmjax.time_grid(duck, "time_uniform", 0.9, 0.5, 2)), [0.9, 0.7, 0.5],
+                               rtol=1e-6)
+    assert dpmjax.FittedGrid(np.array([1.0, 0.5])).model_timesteps is None
 
 
 # --- grid files ---------------------------------------------------------------------------
