@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import tempfile
 from typing import Any, Optional
 
 import jax
@@ -391,45 +392,119 @@ def _gram_matrix(X, M):
     return V @ V.T / (V.shape[1])
 
 
+def _check_path(path, name: str = "path") -> str:
+    """``path`` as a str; only str and os.PathLike are file names (an int would be taken by
+    ``open`` as a file descriptor, and closed)."""
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file name (str or os.PathLike); got {type(path).__name__} {path!r}")
+    path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a str file name, not bytes; got {path!r}")
+    return path
+
+
+def _check_grid(ts, mts, where: str) -> None:
+    """The checks shared by :func:`save_timesteps` and :func:`load_timesteps`: ``ts`` a 1-D
+    strictly decreasing grid of at least 2 finite times >= 0; ``mts`` ``None`` or one finite
+    positive time per step. ``where`` says whose grid it is, for the message."""
+    if ts.ndim != 1 or ts.shape[0] < 2 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0) or np.any(ts < 0):
+        raise ValueError(f"{where} does not hold a strictly decreasing 1-D grid of at least 2 finite times >= 0 "
+                         f"(timesteps: shape {ts.shape}, values {np.array2string(ts, threshold=8)})")
+    if mts is not None and (mts.shape != (ts.shape[0] - 1,) or not np.all(np.isfinite(mts)) or np.any(mts <= 0)):
+        raise ValueError(f"{where}: model_timesteps must be {ts.shape[0] - 1} finite positive times (one per step); "
+                         f"got shape {mts.shape}")
+
+
+def _as_times(values, what: str) -> np.ndarray:
+    """``values`` as float64 numpy, ValueError naming ``what`` if they are not numbers."""
+    try:
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "iuf":
+            raise TypeError(f"dtype {arr.dtype}")
+        return arr.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must hold real numbers: {e}") from None
+
+
+def _write_atomic(path: str, write) -> None:
+    """Write ``path`` through ``write(binary_file)`` into a fresh temporary file next to it,
+    then ``os.replace`` it: the target is either unchanged or complete, and the temporary
+    file is removed on any failure."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would otherwise become the file's mode
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:
-    """Save a grid (an array or a :class:`dpmjax.FittedGrid`) as JSON
-    (``{"timesteps": [...], "model_timesteps": [...] or null, ...metadata}``, written
-    atomically); ``.npy`` paths take a plain grid only and use numpy."""
+    """Save a grid (an array or a :class:`dpmjax.FittedGrid`) for :func:`load_timesteps`.
+
+    JSON (any path not ending in ``.npy``): ``{"timesteps": [...], "model_timesteps":
+    [...] or null, **metadata}``; ``metadata`` must be JSON-serialisable (finite numbers,
+    strings, lists, dicts) and may not use the grid's own keys. ``.npy``: a plain grid only.
+    The grid is checked as :func:`load_timesteps` will check it (1-D, strictly decreasing,
+    finite; ``model_timesteps`` one finite positive time per step), and the file is
+    written atomically (a temporary file next to it, then ``os.replace``).
+
+    Example::
+
+        dpmjax.save_timesteps("grid.json", grid, steps=6, method="unipc")
+    """
+    path = _check_path(path)
+    clash = sorted(set(metadata) & set(FittedGrid._fields))
+    if clash:
+        raise ValueError(f"metadata keys {clash} collide with the grid's own fields {list(FittedGrid._fields)}; "
+                         "pass the grid as a dpmjax.FittedGrid instead")
     grid = timesteps if isinstance(timesteps, FittedGrid) else FittedGrid(timesteps, None)
-    ts = np.asarray(grid.timesteps, np.float64)
-    mts = None if grid.model_timesteps is None else np.asarray(grid.model_timesteps, np.float64)
-    if str(path).endswith(".npy"):
+    ts = _as_times(grid.timesteps, "timesteps")
+    mts = None if grid.model_timesteps is None else _as_times(grid.model_timesteps, "model_timesteps")
+    _check_grid(ts, mts, "timesteps")
+    if path.endswith(".npy"):
         if mts is not None:
-            raise ValueError(f"a grid with model_timesteps cannot be saved as .npy; use a .json path, got {str(path)!r}")
-        np.save(path, ts)
+            raise ValueError(f"a grid with model_timesteps cannot be saved as .npy; use a .json path, got {path!r}")
+        _write_atomic(path, lambda f: np.save(f, ts, allow_pickle=False))
         return
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"timesteps": ts.tolist(), "model_timesteps": None if mts is None else mts.tolist(), **metadata},
-                  f, indent=2)
-    os.replace(tmp, path)
+    doc = {"timesteps": ts.tolist(), "model_timesteps": None if mts is None else mts.tolist(), **metadata}
+    try:
+        text = json.dumps(doc, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"metadata must be JSON-serialisable (finite numbers, str, list, dict): {e}") from None
+    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_timesteps(path: str | os.PathLike) -> FittedGrid:
     """Load a grid saved by :func:`save_timesteps` (JSON or ``.npy``) as a
-    :class:`dpmjax.FittedGrid` of numpy arrays (``model_timesteps`` may be ``None``)."""
+    :class:`dpmjax.FittedGrid` of float64 numpy arrays (``model_timesteps`` may be ``None``).
+
+    ``path`` must be a str or os.PathLike (TypeError otherwise); a missing, unreadable or
+    malformed file, or one whose grid is not 1-D, strictly decreasing and finite, raises
+    ValueError naming the file."""
+    path = _check_path(path)
     if not os.path.exists(path):
-        raise ValueError(f"timesteps file {str(path)!r} does not exist")
+        raise ValueError(f"timesteps file {path!r} does not exist")
     mts = None
-    if str(path).endswith(".npy"):
-        ts = np.load(path)
-    else:
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-            ts = np.asarray(doc["timesteps"], np.float64)
+    try:
+        if path.endswith(".npy"):
+            ts = _as_times(np.load(path, allow_pickle=False), "timesteps")
+        else:
+            with open(path, "rb") as f:
+                doc = json.loads(f.read().decode("utf-8"))
+            ts = _as_times(doc["timesteps"], "timesteps")
             if doc.get("model_timesteps") is not None:
-                mts = np.asarray(doc["model_timesteps"], np.float64)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
-            raise ValueError(f"timesteps file {str(path)!r} is not a dpmjax grid: {e}") from None
-    if ts.ndim != 1 or ts.shape[0] < 2 or not np.all(np.isfinite(ts)) or np.any(np.diff(ts) >= 0):
-        raise ValueError(f"timesteps file {str(path)!r} does not hold a strictly decreasing 1-D grid")
-    if mts is not None and (mts.shape != (ts.shape[0] - 1,) or not np.all(np.isfinite(mts)) or np.any(mts <= 0)):
-        raise ValueError(f"timesteps file {str(path)!r}: model_timesteps must be {ts.shape[0] - 1} finite "
-                         "positive times (one per step)")
+                mts = _as_times(doc["model_timesteps"], "model_timesteps")
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError,
+            ValueError) as e:
+        raise ValueError(f"timesteps file {path!r} is not a dpmjax grid: {type(e).__name__}: {e}") from None
+    _check_grid(ts, mts, f"timesteps file {path!r}")
     return FittedGrid(ts, mts)

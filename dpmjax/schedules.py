@@ -21,8 +21,10 @@ tables of :class:`VPDiscrete` are array leaves, so a schedule can be passed into
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -39,6 +41,7 @@ __all__ = [
     "VPCosine",
     "VPDiscrete",
     "DIFFUSERS_PREDICTION_TYPES",
+    "check_times_in_range",
 ]
 
 
@@ -51,6 +54,146 @@ def _asarray(t):
     return jnp.asarray(t, dtype=_float_dtype())
 
 
+# --- parameter validation --------------------------------------------------------------
+#
+# A schedule is checked when it is built: every hyper-parameter is a finite Python number
+# in its range, and the schedule is evaluated at ``T`` and ``t_eps`` in the dtype the
+# solver computes in (float32, or float64 under ``jax_enable_x64``): ``log alpha``,
+# ``log sigma`` and ``lambda`` must be finite there, ``alpha`` and ``sigma`` normal
+# (non-zero) numbers, and ``lambda(T) < lambda(t_eps)``. So a schedule that would give
+# NaN or infinity at some time of the default interval never reaches the sampler.
+
+
+def _real(owner: str, name: str, value) -> float:
+    """``value`` as a finite Python float; TypeError for anything that is not a real number
+    (str, None, bool, arrays), ValueError for NaN and infinity."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number (a Python float); got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite; got {value}")
+    return value
+
+
+def _set_reals(obj, names):
+    """Replace the (frozen) fields ``names`` of ``obj`` by validated Python floats."""
+    owner = type(obj).__name__
+    for name in names:
+        object.__setattr__(obj, name, _real(owner, name, getattr(obj, name)))
+
+
+def _finite_problem(schedule, t: float, dtype) -> str | None:
+    """Why ``schedule`` is not usable at time ``t`` in ``dtype`` (``None``: it is)."""
+    tiny = float(jnp.finfo(dtype).tiny)
+    with jax.ensure_compile_time_eval():
+        tt = jnp.asarray(t, dtype)
+        la, ls, lam = (float(f(tt)) for f in (schedule.log_alpha, schedule.log_sigma, schedule.lambda_))
+        back = float(schedule.inverse_lambda(jnp.asarray(lam, dtype))) if math.isfinite(lam) else math.nan
+    if not all(math.isfinite(v) for v in (la, ls, lam)):
+        return f"log alpha = {la}, log sigma = {ls}, lambda = {lam}"
+    if math.exp(la) < tiny or math.exp(ls) < tiny:
+        return f"alpha = exp({la}) or sigma = exp({ls}) underflows"
+    if not math.isfinite(back):
+        return f"inverse_lambda(lambda(t)) = {back}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _check_finite_cached(schedule, dtype_name: str):
+    dtype = jnp.dtype(dtype_name)
+    for end, t in (("T", schedule.T), ("t_eps", schedule.t_eps)):
+        problem = _finite_problem(schedule, t, dtype)
+        if problem is not None:
+            return end, t, problem
+    with jax.ensure_compile_time_eval():
+        lam_T = float(schedule.lambda_(jnp.asarray(schedule.T, dtype)))
+        lam_eps = float(schedule.lambda_(jnp.asarray(schedule.t_eps, dtype)))
+    if not lam_T < lam_eps:
+        return "T", schedule.T, f"lambda(T) = {lam_T} is not below lambda(t_eps) = {lam_eps} (T too close to t_eps)"
+    return None
+
+
+def _unchecked_replace(schedule, **changes):
+    """``dataclasses.replace`` without ``__post_init__`` (to probe candidate values)."""
+    new = object.__new__(type(schedule))
+    for f in dataclasses.fields(schedule):
+        object.__setattr__(new, f.name, changes.get(f.name, getattr(schedule, f.name)))
+    return new
+
+
+def _largest_usable(schedule, name: str, lo: float, hi: float, dtype) -> float:
+    """Bisect for (about) the largest value of the field ``name`` in ``[lo, hi]`` at which the
+    schedule is usable at ``T`` in ``dtype`` (for the error message)."""
+    for _ in range(60):
+        mid = 0.5 * (lo + hi) if hi / max(lo, 1e-300) < 4 else math.sqrt(lo * hi)
+        if _finite_problem(_unchecked_replace(schedule, **{name: mid}), mid, dtype) is None:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _check_finite(schedule, name_of_T: str = "T", lo_of_T: float | None = None, name_of_t_eps: str = "t_eps"):
+    """Raise ValueError naming ``name_of_T`` (or ``name_of_t_eps``) if ``schedule`` is not finite on
+    ``[t_eps, T]`` in the current compute dtype. Cached per schedule and dtype."""
+    dtype = _float_dtype()
+    bad = _check_finite_cached(schedule, jnp.dtype(dtype).name)
+    if bad is None:
+        return
+    end, t, problem = bad
+    owner = type(schedule).__name__
+    name = name_of_T if end == "T" else name_of_t_eps
+    hint = ""
+    if end == "T" and lo_of_T is not None and "lambda(T)" not in problem:
+        # the field setting T is replaced, so t_eps stays put; only for the T end
+        try:
+            hi = getattr(schedule, name_of_T)
+            best = _largest_usable(schedule, name_of_T, lo_of_T, hi, dtype)
+            hint = f"; in {jnp.dtype(dtype).name} it must be at most about {best:.9g}"
+        except (ValueError, TypeError):  # pragma: no cover - the hint is best effort
+            hint = ""
+    raise ValueError(
+        f"{owner}: {name} = {t!r} is outside the range where the schedule is finite in "
+        f"{jnp.dtype(dtype).name} ({problem}){hint}"
+    )
+
+
+def check_times_in_range(schedule, t, name: str = "t", batch_size: int | None = None) -> None:
+    """Validate times ``t`` at which ``schedule`` is to be evaluated (e.g. ``add_noise``).
+
+    ``t`` must be a scalar or, when ``batch_size`` is given, of shape ``(batch_size,)``
+    (without ``batch_size`` any 1-D shape is accepted); concrete values must be finite and
+    in ``[schedule.t_min, schedule.T]`` and > 0, checked after casting to the compute
+    dtype, and ``lambda(t)`` must be finite there. Traced values are checked for shape
+    only. Raises TypeError/ValueError naming ``name``.
+    """
+    if isinstance(t, (str, bytes)) or t is None or isinstance(t, bool):
+        raise TypeError(f"{name} must be a real number or an array of times; got {type(t).__name__} {t!r}")
+    shape = tuple(jnp.shape(t))
+    if not (shape == () or (len(shape) == 1 and (batch_size is None or shape[0] == batch_size))):
+        want = "() or (B,)" if batch_size is None else f"() or ({batch_size},)"
+        raise ValueError(f"{name} must be a scalar or one time per sample, shape {want}; got shape {shape}")
+    if isinstance(t, jax.core.Tracer):
+        return
+    try:
+        values = np.asarray(t)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must hold real numbers; got {t!r}") from None
+    if values.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers; got dtype {values.dtype}")
+    dtype = _float_dtype()
+    values = values.astype(dtype)
+    T = np.asarray(schedule.T, dtype)
+    lo = np.asarray(getattr(schedule, "t_min", 0.0), dtype)
+    if not np.all(np.isfinite(values)) or np.any(values <= 0) or np.any(values < lo) or np.any(values > T):
+        rng = f"(0, T = {schedule.T}]" if float(lo) == 0 else f"[t_min = {schedule.t_min}, T = {schedule.T}]"
+        raise ValueError(f"{name} must lie in {rng}; got min {values.min()}, max {values.max()}")
+    with jax.ensure_compile_time_eval():
+        lam = np.asarray(schedule.lambda_(jnp.asarray(values, dtype)))
+    if not np.all(np.isfinite(lam)):
+        raise ValueError(f"{name}: lambda is not finite in {jnp.dtype(dtype).name} at some of the times {values}")
+
+
 class NoiseSchedule:
     """Interface shared by all schedules. Subclasses define ``log_alpha`` and ``log_sigma``."""
 
@@ -58,6 +201,16 @@ class NoiseSchedule:
     T: float
     #: default end time of sampling (a Python float, static, > 0)
     t_eps: float
+
+    @property
+    def t_min(self) -> float:
+        """Smallest time the schedule may be evaluated at (inclusive; times must also be > 0).
+
+        ``0.0`` for continuous schedules (only ``t > 0`` is required, lambda is infinite at
+        0); ``1/N`` for :class:`VPDiscrete`, whose first training step sits there and
+        below which the table would only be extrapolated. Samplers refuse ``t_end`` below it.
+        """
+        return 0.0
 
     def log_alpha(self, t):
         raise NotImplementedError
@@ -139,10 +292,14 @@ class VPLinear(VPSchedule):
     t_eps: float = 1e-3
 
     def __post_init__(self):
+        _set_reals(self, ("beta_min", "beta_max", "T", "t_eps"))
         if not (self.beta_min > 0 and self.beta_max > self.beta_min):
             raise ValueError(
                 f"VPLinear needs 0 < beta_min < beta_max, got beta_min={self.beta_min}, beta_max={self.beta_max}"
             )
+        if not 0 < self.t_eps < self.T:
+            raise ValueError(f"VPLinear needs 0 < t_eps < T, got t_eps={self.t_eps}, T={self.T}")
+        _check_finite(self, "T", lo_of_T=self.t_eps)
 
     def log_alpha(self, t):
         t = _asarray(t)
@@ -168,10 +325,14 @@ class VPCosine(VPSchedule):
     t_eps: float = 1e-3
 
     def __post_init__(self):
+        _set_reals(self, ("s", "T", "t_eps"))
         if not (0 < self.s < 1):
             raise ValueError(f"VPCosine needs 0 < s < 1, got s={self.s}")
         if not (0 < self.T < 1):
             raise ValueError(f"VPCosine needs 0 < T < 1, got T={self.T}")
+        if not 0 < self.t_eps < self.T:
+            raise ValueError(f"VPCosine needs 0 < t_eps < T, got t_eps={self.t_eps}, T={self.T}")
+        _check_finite(self, "T", lo_of_T=self.t_eps)
 
     def _log_alpha_0(self):
         return math.log(math.cos(self.s / (1.0 + self.s) * math.pi / 2.0))
@@ -184,6 +345,19 @@ class VPCosine(VPSchedule):
         lam = _asarray(lam)
         log_alpha = self._log_alpha_of_lambda(lam)
         return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(jnp.exp(log_alpha + self._log_alpha_0())) - self.s
+
+
+def _table(name: str, values) -> np.ndarray:
+    """A user table as float64 numpy; TypeError naming ``name`` for non-numeric input."""
+    if isinstance(values, (str, bytes)) or values is None:
+        raise TypeError(f"{name} must be a 1-D array of numbers; got {type(values).__name__} {values!r}")
+    try:
+        table = np.asarray(values)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be a 1-D array of numbers; got {values!r} ({e})") from None
+    if table.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must be a 1-D array of numbers; got dtype {table.dtype}")
+    return table.astype(np.float64)
 
 
 def _interp(x, xp, fp):
@@ -234,9 +408,30 @@ class VPDiscrete(VPSchedule):
     T: float = 1.0
     t_eps: float = 0.0
 
+    def __post_init__(self):
+        # Runs on every unflatten too (then the tables may be tracers): static fields only.
+        if isinstance(self.N, bool) or not isinstance(self.N, numbers.Integral) or self.N < 2:
+            raise TypeError(f"VPDiscrete: N must be an int >= 2; got {self.N!r}")
+        _set_reals(self, ("T", "t_eps"))
+        if not self.T == 1.0:
+            raise ValueError(f"VPDiscrete: T must be 1.0 (the last training step); got T={self.T}")
+        if not self.t_min * (1 - 1e-12) <= self.t_eps < self.T:
+            raise ValueError(
+                f"VPDiscrete: t_eps must be in [1/N = {self.t_min}, T = {self.T}) (the table starts at "
+                f"t = 1/N); got t_eps={self.t_eps}"
+            )
+
+    @property
+    def t_min(self) -> float:
+        """``1/N``: the first training step; the schedule is never evaluated below it."""
+        return 1.0 / self.N
+
     @classmethod
     def from_log_alphas(cls, log_alphas, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
-        la = np.asarray(log_alphas, dtype=np.float64)
+        """From the table ``log alpha_i = 0.5 log(alphas_cumprod_i)`` (float64 or float32)."""
+        la = _table("log_alphas", log_alphas)
+        if lambda_min is not None:
+            lambda_min = _real("VPDiscrete", "lambda_min", lambda_min)
         if la.ndim != 1 or la.shape[0] < 2:
             raise ValueError(f"log_alphas must be a 1-D table of at least 2 entries, got shape {la.shape}")
         if not np.all(np.isfinite(la)) or np.any(la >= 0):
@@ -251,13 +446,22 @@ class VPDiscrete(VPSchedule):
             la = la[:keep]
         n = la.shape[0]
         dtype = _float_dtype()
+        # The table as the solver will see it: every entry < 0 (alpha < 1) and lambda finite.
+        la_d = np.asarray(la, dtype)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lam_d = la_d - 0.5 * np.log(-np.expm1(2.0 * la_d))
+        if np.any(la_d >= 0) or not np.all(np.isfinite(lam_d)) or np.any(np.exp(la_d) < np.finfo(dtype).tiny):
+            raise ValueError(
+                f"log_alphas: the table is not usable in {np.dtype(dtype).name} (alphas_cumprod rounds to 0 or 1 "
+                "somewhere, so lambda is infinite); use a table whose entries stay inside (0, 1) in that dtype"
+            )
         t_knots = jnp.asarray((np.arange(n) + 1.0) / n, dtype=dtype)
         return cls(t_knots=t_knots, log_alphas=jnp.asarray(la, dtype=dtype), N=n, T=1.0, t_eps=1.0 / n)
 
     @classmethod
     def from_betas(cls, betas, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
         """From a beta table: ``log alpha_i = 0.5 cumsum(log(1 - beta))_i``."""
-        b = np.asarray(betas, dtype=np.float64)
+        b = _table("betas", betas)
         if b.ndim != 1 or np.any(b <= 0) or np.any(b >= 1):
             raise ValueError("betas must be a 1-D array with every entry in (0, 1)")
         return cls.from_log_alphas(0.5 * np.cumsum(np.log1p(-b)), lambda_min=lambda_min)
@@ -265,7 +469,7 @@ class VPDiscrete(VPSchedule):
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod, *, lambda_min: float | None = -5.1) -> "VPDiscrete":
         """From ``alphas_cumprod`` (``\\bar alpha_i``): ``log alpha_i = 0.5 log(\\bar alpha_i)``."""
-        ac = np.asarray(alphas_cumprod, dtype=np.float64)
+        ac = _table("alphas_cumprod", alphas_cumprod)
         if ac.ndim != 1 or np.any(ac <= 0) or np.any(ac >= 1):
             raise ValueError("alphas_cumprod must be a 1-D array with every entry in (0, 1)")
         return cls.from_log_alphas(0.5 * np.log(ac), lambda_min=lambda_min)
@@ -281,14 +485,22 @@ class VPDiscrete(VPSchedule):
         lambda_min: float | None = -5.1,
     ) -> "VPDiscrete":
         """The common beta tables: ``"linear"``, ``"scaled_linear"`` (Stable Diffusion), ``"squaredcos_cap_v2"``."""
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, one of {sorted(_NAMED_DEFAULTS)}; got {type(name).__name__} {name!r}")
         if name not in _NAMED_DEFAULTS:
             raise ValueError(f"name must be one of {sorted(_NAMED_DEFAULTS)}, got {name!r}")
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral):
+            raise TypeError(f"num_train_timesteps must be an int; got {type(num_train_timesteps).__name__} "
+                            f"{num_train_timesteps!r}")
         n = int(num_train_timesteps)
         if n < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}")
         d0, d1 = _NAMED_DEFAULTS[name]
-        b0 = d0 if beta_start is None else float(beta_start)
-        b1 = d1 if beta_end is None else float(beta_end)
+        b0 = d0 if beta_start is None else _real("VPDiscrete.from_named", "beta_start", beta_start)
+        b1 = d1 if beta_end is None else _real("VPDiscrete.from_named", "beta_end", beta_end)
+        if name != "squaredcos_cap_v2" and not 0 < b0 <= b1 < 1:
+            raise ValueError(f"VPDiscrete.from_named: needs 0 < beta_start <= beta_end < 1, got beta_start={b0}, "
+                             f"beta_end={b1}")
         if name == "linear":
             betas = np.linspace(b0, b1, n, dtype=np.float64)
         elif name == "scaled_linear":
@@ -370,8 +582,14 @@ class EDM(NoiseSchedule):
     sigma_data: float = 0.5
 
     def __post_init__(self):
+        _set_reals(self, ("sigma_min", "sigma_max", "sigma_data"))
         if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"EDM needs 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+            raise ValueError(
+                f"EDM needs 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}"
+            )
+        if not self.sigma_data > 0:
+            raise ValueError(f"EDM needs sigma_data > 0, got sigma_data={self.sigma_data}")
+        _check_finite(self, "sigma_max", lo_of_T=self.sigma_min, name_of_t_eps="sigma_min")
 
     @property
     def T(self):
@@ -420,10 +638,12 @@ class RectifiedFlow(NoiseSchedule):
     time_scale: float = 1.0
 
     def __post_init__(self):
+        _set_reals(self, ("T", "t_eps", "time_scale"))
         if not 0 < self.t_eps < self.T < 1:
             raise ValueError(f"RectifiedFlow needs 0 < t_eps < T < 1, got t_eps={self.t_eps}, T={self.T}")
         if not (math.isfinite(self.time_scale) and self.time_scale > 0):
             raise ValueError(f"RectifiedFlow needs a finite time_scale > 0, got {self.time_scale}")
+        _check_finite(self, "T", lo_of_T=self.t_eps)
 
     def log_alpha(self, t):
         return jnp.log1p(-_asarray(t))

@@ -7,9 +7,12 @@ Order plans are static Python tuples: they decide the structure of the program.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple, Optional
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = [
     "FittedGrid",
@@ -54,7 +57,13 @@ def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
     ``t_start`` and ``t_end`` may be arrays of the same shape ``S``; the result then has
     shape ``S + (n + 1,)`` (one grid per pair), which is how singlestep inner points are
     computed for all outer steps at once. The end points are returned exactly.
+
+    Raises ValueError/TypeError for ``n`` not an int >= 1, an unknown ``skip_type`` and,
+    when the end points are concrete (not traced), for ``t_end <= 0``, ``t_end`` below
+    ``schedule.t_min``, ``t_start > schedule.T`` or ``t_start <= t_end`` (compared in the
+    compute dtype).
     """
+    _check_grid_args(schedule, skip_type, t_start, t_end, n)
     t_start = jnp.asarray(t_start, dtype=jnp.result_type(float))
     t_end = jnp.asarray(t_end, dtype=t_start.dtype)
     u = jnp.linspace(0.0, 1.0, n + 1, dtype=t_start.dtype)
@@ -75,11 +84,41 @@ def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
         inv = 1.0 / KARRAS_RHO
         sa, sb = a**inv, b**inv
         ts = (sa + u * (sb - sa)) ** KARRAS_RHO
-    else:
+    else:  # pragma: no cover - _check_grid_args refused it
         raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
     # Pin the end points: inverse_lambda(lambda(t)) is t only to rounding.
     ts = ts.at[..., 0].set(t_start).at[..., -1].set(t_end)
     return ts
+
+
+def _check_grid_args(schedule, skip_type, t_start, t_end, n) -> None:
+    """Validate :func:`time_grid`'s arguments (end points only when concrete)."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int (the number of intervals); got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1 (the number of intervals); got {n}")
+    if not isinstance(skip_type, str) or skip_type not in SKIP_TYPES:
+        raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+    if isinstance(t_start, jax.core.Tracer) or isinstance(t_end, jax.core.Tracer):
+        return
+    dtype = jnp.result_type(float)
+    for name, v in (("t_start", t_start), ("t_end", t_end)):
+        if isinstance(v, (str, bytes, bool)) or v is None:
+            raise TypeError(f"{name} must be a real number or an array of times; got {type(v).__name__} {v!r}")
+    a = np.asarray(t_start).astype(dtype)
+    b = np.asarray(t_end).astype(dtype)
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError(f"t_start and t_end must be finite; got t_start={t_start}, t_end={t_end}")
+    if np.any(b <= 0):
+        raise ValueError(f"t_end must be > 0 (lambda is infinite at t = 0); got t_end={t_end}")
+    t_min = getattr(schedule, "t_min", 0.0)
+    if np.any(b < np.asarray(t_min, dtype)):
+        raise ValueError(f"t_end must be >= schedule.t_min = {t_min}; got t_end={t_end}")
+    T = getattr(schedule, "T", None)
+    if T is not None and np.any(a > np.asarray(T, dtype)):
+        raise ValueError(f"t_start must be <= schedule.T = {T}; got t_start={t_start}")
+    if np.any(a <= b):
+        raise ValueError(f"t_start must be > t_end (the grid decreases); got t_start={t_start}, t_end={t_end}")
 
 
 def multistep_orders(order: int, steps: int, lower_order_final: bool, final_below: Optional[int] = 10) -> tuple[int, ...]:
