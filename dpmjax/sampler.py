@@ -23,6 +23,7 @@ import numpy as np
 
 from . import adaptive as _adaptive
 from . import models as _models
+from . import schedules as _schedules
 from . import solvers as _solvers
 from . import timesteps as _ts
 from .schedules import NoiseSchedule
@@ -661,12 +662,7 @@ def add_noise(schedule: NoiseSchedule, x0, t, key):
     x0 = jnp.asarray(x0, dtype)
     if x0.ndim < 1:
         raise ValueError(f"x0 must be a batch (B, ...); got shape {x0.shape}")
-    if jnp.ndim(t) not in (0, 1) or (jnp.ndim(t) == 1 and jnp.shape(t)[0] != x0.shape[0]):
-        raise ValueError(f"t must be a scalar or one time per sample, shape ({x0.shape[0]},); got shape {jnp.shape(t)}")
-    if not _solvers._is_traced(t):
-        tt = np.asarray(t, np.float64)
-        if not (np.all(np.isfinite(tt)) and np.all(tt > 0) and np.all(tt <= schedule.T)):
-            raise ValueError(f"t must lie in (0, schedule.T = {schedule.T}]; got {tt}")
+    _schedules.check_times_in_range(schedule, t, "t", batch_size=x0.shape[0])
     t = jnp.asarray(t, dtype)
     eps = jax.random.normal(key, x0.shape, dtype)
     scale = jnp.asarray(schedule.state_scale(t), dtype)

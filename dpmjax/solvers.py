@@ -154,11 +154,9 @@ def check_times(name, values, schedule, length, order=None, allow_zero_end=False
 
 
 def _min_time(schedule):
-    """Smallest time the schedule may be evaluated at: its table's first knot for a discrete
-    schedule (below it log_alpha is extrapolated), else any positive time."""
-    if isinstance(schedule, _schedules.VPDiscrete):
-        return float(schedule.t_eps)
-    return float(np.finfo(np.float64).tiny)
+    """Smallest time the schedule may be evaluated at (``schedule.t_min``: the table's first
+    knot for a discrete schedule, below which log_alpha is extrapolated), and always > 0."""
+    return max(float(getattr(schedule, "t_min", 0.0)), float(np.finfo(np.float64).tiny))
 
 
 def resolve_times(schedule, t_start, t_end, names=("t_start", "t_end")):

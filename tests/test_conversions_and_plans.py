@@ -129,7 +129,7 @@ UNIPC = {
 
 @pytest.mark.parametrize("order, steps, lof", sorted(UNIPC))
 def test_unipc_orders(order, steps, lof):
-    assert ts.unipc_orders(order, steps, lof) == UNIPC[(order, steps, lof)]
+    assert ts.multistep_orders(order, steps, lof, final_below=None) == UNIPC[(order, steps, lof)]
 
 
 def test_time_grids_closed_forms():

@@ -333,7 +333,6 @@ def test_check_times_in_range_accepts():
 ADD_NOISE_CASES = [(0.0, "t"), (1.5, "t"), (np.array([0.5, 0.5, 0.5]), "t")]
 
 
-@pytest.mark.xfail(strict=True, reason="check_times_in_range is not yet called by dpmjax.add_noise")
 @pytest.mark.parametrize("t, name", ADD_NOISE_CASES, ids=["zero", "above-T", "length"])
 def test_add_noise_refuses_bad_times(t, name):
     with pytest.raises(ValueError, match=name):
