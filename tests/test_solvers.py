@@ -55,10 +55,10 @@ def setup():
 
 # --------------------------------------------------------------------------- drivers
 @functools.partial(jax.jit, static_argnums=0)
-def hand_step(model_fn, params, solver, state):
+def hand_step(model_fn, params, solver, state, noise=None):
     """One evaluation: what a Python loop calls ``num_evals`` times."""
     x_in, t_in = solver.model_inputs(state)
-    return solver.step(state, model_fn(params, x_in, t_in))
+    return solver.step(state, model_fn(params, x_in, t_in), noise=noise)
 
 
 def hand_loop(model_fn, params, solver, x_T, key=None):
@@ -139,14 +139,12 @@ def test_hand_fori_scan_and_sample_agree(x64, name):
     solver, got = all_drivers(model_fn, gm, schedule, X_T, **kw)
     want = dpmjax.sample(model_fn, gm, None, X_T.shape, schedule=schedule, noise=jnp.asarray(X_T), **kw)
     assert_same(got, want, name)
-    info_nfe = int(dpmjax.sample(model_fn, gm, None, X_T.shape, schedule=schedule, noise=jnp.asarray(X_T),
-                                 return_info=True, **kw)[1]["nfe"])
     steps = kw["steps"] if kw.get("method") != "singlestep_fixed" else kw["steps"] // kw["order"] * kw["order"]
-    assert solver.num_evals == info_nfe == steps + bool(kw.get("denoise_to_zero"))
+    assert solver.num_evals == steps + bool(kw.get("denoise_to_zero"))  # denoise_to_zero is one more evaluation
 
 
-SDE_CONFIGS = [("sde-dpmsolver++", 1), ("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3), ("sde-dpmsolver", 1),
-               ("sde-dpmsolver", 2)]
+# (order 1 is the first step of each of these: the warm-up steps use orders 1, 2, ...)
+SDE_CONFIGS = [("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3), ("sde-dpmsolver", 2)]
 
 
 @pytest.mark.parametrize("algorithm, order", SDE_CONFIGS)
@@ -165,9 +163,8 @@ def test_sde_drivers_agree_with_the_same_key(x64, algorithm, order):
     x_T = jax.random.normal(jax.random.split(key)[0], X_T.shape, jnp.float64)
     state = solver.init(x_T)  # no key: every step gets noise=
     for i in range(solver.num_evals):
-        x_in, t_in = solver.model_inputs(state)
         noise = jax.random.normal(jax.random.fold_in(key_steps, i), X_T.shape, jnp.float64)
-        state = solver.step(state, model_fn(gm, x_in, t_in), noise=noise)
+        state = hand_step(model_fn, gm, solver, state, noise)
     assert_same({"noise=": solver.result(state)}, want, f"{algorithm} {order}")
 
 
