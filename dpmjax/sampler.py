@@ -166,6 +166,10 @@ def sample(
     return_info: bool = False,
     sharding: Optional[jax.sharding.Sharding] = None,
     orders: Optional[tuple] = None,
+    ems=None,
+    use_corrector: bool = True,
+    p_pseudo: bool = False,
+    c_pseudo: bool = True,
 ):
     """Sample a diffusion model by solving its probability-flow ODE (or diffusion SDE) from ``t_start`` to ``t_end``.
 
@@ -192,7 +196,9 @@ def sample(
       method: ``"multistep"``, ``"singlestep"`` (DPM-Solver-fast: mixed orders summing to
         ``steps``), ``"singlestep_fixed"``, ``"unipc"`` (predictor-corrector) or
         ``"adaptive"`` (DPM-Solver-12/23 with ``atol``, ``rtol``, ``h_init``, ``theta``,
-        ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000).
+        ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000) or
+        ``"v3"`` (DPM-Solver-v3, Zheng et al. 2023, arXiv:2310.13268: multistep
+        predictor-corrector with the empirical model statistics ``ems``; see below).
       order: 1, 2 or 3 (1 is DDIM).
       steps: the number of model evaluations (NFE), plus one with ``denoise_to_zero``
         (``"singlestep_fixed"``, as in the reference implementation, takes ``steps // order``
@@ -252,6 +258,16 @@ def sample(
         ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"finished"``, ``"t_final"``).
       sharding: a :class:`jax.sharding.Sharding` for ``x_T`` and the result (e.g. a
         ``NamedSharding`` over the batch axis); by default a sharded ``noise``'s own.
+      ems: ``method="v3"`` only: a :class:`dpmjax.EMS` (:func:`dpmjax.compute_ems`,
+        :func:`dpmjax.load_ems`) of the sample shape ``shape[1:]``. DPM-Solver-v3 integrates
+        over the EMS grid's range (no ``t_start``/``t_end``/``timesteps``): its ``steps + 1``
+        time steps are the ``skip_type`` grid (``"logSNR"``, ``"time_uniform"``,
+        ``"time_quadratic"`` or ``"karras"``) snapped to EMS grid points. ``order`` is the
+        predictor's (1 to 3), ``algorithm`` must be ``"dpmsolver++"``; see :mod:`dpmjax.v3`.
+      use_corrector, p_pseudo, c_pseudo: ``method="v3"`` only, the authors' options: the
+        corrector (no extra model call), pseudo-order predictor and corrector. Their
+        CIFAR-10 settings: 5 NFE ``p_pseudo=True, lower_order_final=False``; 6 to 8 NFE
+        ``p_pseudo=False, lower_order_final=True``; both with ``c_pseudo=False``.
 
     Returns:
       ``x`` at ``t_end`` (float32, float64 under ``jax_enable_x64``); with
@@ -285,7 +301,8 @@ def sample(
     adaptive_given = dict(atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe)
     if method == "adaptive":
         _solvers.reject_inapplicable(method, dict(lower_order_final=lower_order_final, variant=variant,
-                                                  disable_corrector=disable_corrector, orders=orders))
+                                                  disable_corrector=disable_corrector, orders=orders, ems=ems,
+                                                  use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo))
         for name, v in (("timesteps", timesteps), ("model_timesteps", model_timesteps)):
             if v is not None:
                 raise ValueError(f"{name} cannot be combined with method='adaptive' (it chooses its own steps)")
@@ -310,11 +327,13 @@ def sample(
         timesteps=timesteps, model_timesteps=model_timesteps,
         **(dict(lower_order_final=True, variant="bh2", disable_corrector=(), orders=None) if method == "adaptive" else
            dict(lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector,
-                orders=orders)),
+                orders=orders, ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo)),
     )
     if guidance == "classifier":
         opts = dataclasses.replace(opts, model_type="noise")
-    if timesteps is None:
+    if method == "v3":
+        t_start, t_end = _solvers.v3_range(schedule, ems, t_start, t_end, shape[1:])
+    elif timesteps is None:
         t_start, t_end = _solvers.resolve_times(schedule, t_start, t_end)
     _solvers.check_grid(opts, schedule, timesteps, model_timesteps)
     if noise is None:
@@ -344,7 +363,8 @@ def sample(
                                                           t_start, t_end))
         return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
                              noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
-    solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps))
+    solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps),
+                            ems=ems)
     return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
                        condition, unconditional_condition, scale)
 
@@ -550,7 +570,7 @@ def invert(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if method == "adaptive" or (isinstance(algorithm, str) and algorithm.startswith("sde-")):
+    if method in ("adaptive", "v3") or (isinstance(algorithm, str) and algorithm.startswith("sde-")):
         raise ValueError("invert supports deterministic fixed-step methods only (method in 'multistep', 'singlestep', "
                          "'singlestep_fixed', 'unipc'; algorithm 'dpmsolver++' or 'dpmsolver')")
     if isinstance(timesteps, _ts.FittedGrid):
