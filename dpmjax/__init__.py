@@ -12,7 +12,6 @@ from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_nois
 from .solvers import Solver, SolverState, solver
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
 from .timesteps import SKIP_TYPES, FittedGrid, time_grid
-from .v3 import V3Plan, sample_v3, v3_indexes, v3_orders, v3_plan
 
 __version__ = "0.1.0"
 
@@ -35,7 +34,6 @@ __all__ = [
     "VPDiscrete",
     "VPLinear",
     "VPSchedule",
-    "V3Plan",
     "add_noise",
     "compute_ems",
     "degenerate_ems",
@@ -46,14 +44,10 @@ __all__ = [
     "load_ems",
     "load_timesteps",
     "sample",
-    "sample_v3",
     "save_ems",
     "save_timesteps",
     "solver",
     "time_grid",
     "to_data",
     "to_noise",
-    "v3_indexes",
-    "v3_orders",
-    "v3_plan",
 ]

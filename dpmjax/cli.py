@@ -156,7 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--step", type=_nonnegative_int, default=None, help="checkpoint step (default: latest)")
     sample.add_argument("--algorithm", choices=dpmjax.ALGORITHMS, default=None,
                         help="(default: the --timesteps grid's, else dpmsolver++)")
-    sample.add_argument("--method", choices=dpmjax.METHODS, default=None,
+    sample.add_argument("--method", choices=tuple(m for m in dpmjax.METHODS if m != "v3"), default=None,
                         help="(default: the --timesteps grid's, else multistep)")
     sample.add_argument("--order", type=int, choices=(1, 2, 3), default=None,
                         help="(default: the --timesteps grid's, else 2)")

@@ -170,6 +170,10 @@ def sample(
     sharding: Optional[jax.sharding.Sharding] = None,
     orders: Optional[tuple] = None,
     sample_max_value: Optional[float] = None,
+    ems=None,
+    use_corrector: bool = True,
+    p_pseudo: bool = False,
+    c_pseudo: bool = True,
 ):
     """Sample a diffusion model by solving its probability-flow ODE (or diffusion SDE) from ``t_start`` to ``t_end``.
 
@@ -196,7 +200,9 @@ def sample(
       method: ``"multistep"``, ``"singlestep"`` (DPM-Solver-fast: mixed orders summing to
         ``steps``), ``"singlestep_fixed"``, ``"unipc"`` (predictor-corrector) or
         ``"adaptive"`` (DPM-Solver-12/23 with ``atol``, ``rtol``, ``h_init``, ``theta``,
-        ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000).
+        ``t_err``; ``steps`` is ignored, ``max_nfe`` bounds the loop, default 10000) or
+        ``"v3"`` (DPM-Solver-v3, Zheng et al. 2023, arXiv:2310.13268: multistep
+        predictor-corrector with the empirical model statistics ``ems``; see below).
       order: 1, 2 or 3 (1 is DDIM).
       steps: the number of model evaluations (NFE), plus one with ``denoise_to_zero``
         (``"singlestep_fixed"``, as in the reference implementation, takes ``steps // order``
@@ -258,6 +264,16 @@ def sample(
         ``"accepted"``, ``"rejected"``, ``"hit_max_nfe"``, ``"finished"``, ``"t_final"``).
       sharding: a :class:`jax.sharding.Sharding` for ``x_T`` and the result (e.g. a
         ``NamedSharding`` over the batch axis); by default a sharded ``noise``'s own.
+      ems: ``method="v3"`` only: a :class:`dpmjax.EMS` (:func:`dpmjax.compute_ems`,
+        :func:`dpmjax.load_ems`) of the sample shape ``shape[1:]``. DPM-Solver-v3 integrates
+        over the EMS grid's range (no ``t_start``/``t_end``/``timesteps``): its ``steps + 1``
+        time steps are the ``skip_type`` grid (``"logSNR"``, ``"time_uniform"``,
+        ``"time_quadratic"`` or ``"karras"``) snapped to EMS grid points. ``order`` is the
+        predictor's (1 to 3), ``algorithm`` must be ``"dpmsolver++"``; see :mod:`dpmjax.v3`.
+      use_corrector, p_pseudo, c_pseudo: ``method="v3"`` only, the authors' options: the
+        corrector (no extra model call), pseudo-order predictor and corrector. Their
+        CIFAR-10 settings: 5 NFE ``p_pseudo=True, lower_order_final=False``; 6 to 8 NFE
+        ``p_pseudo=False, lower_order_final=True``; both with ``c_pseudo=False``.
 
     Returns:
       ``x`` at ``t_end`` (float32, float64 under ``jax_enable_x64``); with
@@ -291,7 +307,8 @@ def sample(
     adaptive_given = dict(atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe)
     if method == "adaptive":
         _solvers.reject_inapplicable(method, dict(lower_order_final=lower_order_final, variant=variant,
-                                                  disable_corrector=disable_corrector, orders=orders))
+                                                  disable_corrector=disable_corrector, orders=orders, ems=ems,
+                                                  use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo))
         for name, v in (("timesteps", timesteps), ("model_timesteps", model_timesteps)):
             if v is not None:
                 raise ValueError(f"{name} cannot be combined with method='adaptive' (it chooses its own steps)")
@@ -310,7 +327,8 @@ def sample(
         denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
         thresholding_max_val=thresholding_max_val, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector, orders=orders,
-        sample_max_value=sample_max_value), t_start, t_end, timesteps, model_timesteps)
+        sample_max_value=sample_max_value, ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo,
+        c_pseudo=c_pseudo), t_start, t_end, timesteps, model_timesteps, shape)
     opts, t_start, t_end, solver = prepared
     if noise is None:
         check_key("key", key)
@@ -363,7 +381,7 @@ _PREPARED: "collections.OrderedDict" = collections.OrderedDict()
 _PREPARED_MAX = 64
 
 
-def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_timesteps):
+def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_timesteps, shape):
     """``(opts, t_start, t_end, solver)``: the checked options and, for fixed-step methods,
     the solver's tables, computed once per concrete configuration and reused (a repeated
     call with the same options, schedule and times skips straight to the compiled scan)."""
@@ -381,20 +399,25 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
             return hit[1]
     # The solver's options (checked the same way for the adaptive method, whose stages are
     # those of singlestep): under classifier guidance the solver is fed guided noise.
-    if method == "adaptive":
+    if method == "adaptive":  # its options were checked by sample(); the solver ones take their defaults
         kw = dict(kw, lower_order_final=True, variant="bh2", disable_corrector=(), orders=None,
                   steps=max(kw["steps"], kw["order"]) if isinstance(kw["steps"], int) else kw["steps"])
+        for name in ("ems", "use_corrector", "p_pseudo", "c_pseudo"):
+            kw.pop(name)
     opts = _solvers.make_options(schedule, method="singlestep" if method == "adaptive" else method,
                                  timesteps=timesteps, model_timesteps=model_timesteps, **kw)
     if guidance == "classifier":
         opts = dataclasses.replace(opts, model_type="noise")
-    if timesteps is None:
+    if method == "v3":
+        t_start, t_end = _solvers.v3_range(schedule, kw["ems"], t_start, t_end, shape[1:])
+    elif timesteps is None:
         t_start, t_end = _solvers.resolve_times(schedule, t_start, t_end)
     _solvers.check_grid(opts, schedule, timesteps, model_timesteps)
     solver = None
     if method != "adaptive":
         host = _solvers._host
-        solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps))
+        solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps),
+                                ems=kw.get("ems") if method == "v3" else None)
     out = (opts, t_start, t_end, solver)
     if key is not None:
         _PREPARED[key] = (schedule, out)
@@ -605,7 +628,7 @@ def invert(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if method == "adaptive" or (isinstance(algorithm, str) and algorithm.startswith("sde-")):
+    if method in ("adaptive", "v3") or (isinstance(algorithm, str) and algorithm.startswith("sde-")):
         raise ValueError("invert supports deterministic fixed-step methods only (method in 'multistep', 'singlestep', "
                          "'singlestep_fixed', 'unipc'; algorithm 'dpmsolver++' or 'dpmsolver')")
     if isinstance(timesteps, _ts.FittedGrid):

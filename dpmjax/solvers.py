@@ -35,6 +35,8 @@ from . import models as _models
 from . import schedules as _schedules
 from . import timesteps as _ts
 from . import updates as _up
+from . import v3 as _v3
+from .ems import check_ems
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -48,12 +50,12 @@ __all__ = [
 ]
 
 ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
-METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive")
+METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive", "v3")
 SOLVER_TYPES = ("dpmsolver", "taylor", "midpoint")
 UNIPC_VARIANTS = ("bh1", "bh2")
 
 #: the methods a fixed-step :class:`Solver` implements (``"adaptive"`` is its own loop)
-FIXED_METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc")
+FIXED_METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "v3")
 
 
 # --------------------------------------------------------------------------- validation
@@ -217,6 +219,12 @@ class Options:
     orders: tuple  # per step (multistep, unipc) or per outer step (singlestep)
     custom_grid: bool
     custom_model_times: bool
+    # DPM-Solver-v3 only: the time steps' indexes on the EMS grid, per-step corrector orders
+    # (0: none; ``orders`` holds the predictor's) and the pseudo-order flags.
+    ems_indexes: tuple = ()
+    corrector_orders: tuple = ()
+    p_pseudo: bool = False
+    c_pseudo: bool = True
 
     @property
     def predict_data(self) -> bool:
@@ -235,13 +243,18 @@ class Options:
 #: sample()'s keyword defaults of the options that apply to some methods only
 _SOLVER_DEFAULTS = dict(
     lower_order_final=True, solver_type="dpmsolver", variant="bh2", disable_corrector=(), orders=None,
+    ems=None, use_corrector=True, p_pseudo=False, c_pseudo=True,
 )
 _APPLIES = {
-    "lower_order_final": ("multistep", "unipc"),
+    "lower_order_final": ("multistep", "unipc", "v3"),
     "solver_type": ("multistep", "singlestep", "singlestep_fixed", "adaptive"),
     "variant": ("unipc",),
     "disable_corrector": ("unipc",),
     "orders": ("multistep", "unipc", "singlestep"),
+    "ems": ("v3",),
+    "use_corrector": ("v3",),
+    "p_pseudo": ("v3",),
+    "c_pseudo": ("v3",),
 }
 
 
@@ -253,7 +266,7 @@ def reject_inapplicable(method, given: dict):
         default = _SOLVER_DEFAULTS[name] if name in _SOLVER_DEFAULTS else None
         same = (value == default) if not isinstance(value, (tuple, list)) else tuple(value) == tuple(default or ())
         if method not in allowed and not same:
-            raise ValueError(f"{name}={value!r} does not apply to method={method!r} (it is an option of "
+            raise ValueError(f"{'ems' if name == 'ems' else f'{name}={value!r}'} does not apply to method={method!r} (it is an option of "
                              f"{', '.join(map(repr, allowed))}); remove it")
 
 
@@ -281,9 +294,11 @@ def _check_orders(orders, method, order, steps):
 def make_options(
     schedule, *, model_type, algorithm, method, order, steps, skip_type, lower_order_final, denoise_to_zero,
     solver_type, thresholding, thresholding_max_val, dynamic_thresholding_ratio, variant, disable_corrector,
-    orders=None, timesteps=None, model_timesteps=None, sample_max_value=None,
+    orders=None, timesteps=None, model_timesteps=None, sample_max_value=None, ems=None, use_corrector=True,
+    p_pseudo=False, c_pseudo=True,
 ) -> Options:
     """All checks of a fixed-step solver's options (before anything is traced)."""
+    v3_given = dict(ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(
             "schedule must be a dpmjax.NoiseSchedule (VPLinear, VPCosine, VPDiscrete, EDM, RectifiedFlow); "
@@ -310,8 +325,8 @@ def make_options(
     reject_inapplicable(method, dict(lower_order_final=lower_order_final, solver_type=solver_type, variant=variant,
                                      disable_corrector=tuple(disable_corrector) if isinstance(
                                          disable_corrector, (tuple, list)) else disable_corrector,
-                                     orders=orders))
-    if method in ("multistep", "singlestep_fixed", "unipc") and steps < order:
+                                     orders=orders, **v3_given))
+    if method in ("multistep", "singlestep_fixed", "unipc", "v3") and steps < order:
         raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
     max_sde = 3 if algorithm == "sde-dpmsolver++" else 2
     if algorithm.startswith("sde-") and (method != "multistep" or order > max_sde):
@@ -354,13 +369,58 @@ def make_options(
             orders = _ts.singlestep_orders(order, steps)
         else:
             orders = (order,) * (steps // order)
+    v3_fields = {}
+    if method == "v3":
+        orders, v3_fields, use_corrector = _v3_options(schedule, algorithm, order, steps, skip_type, lower_order_final,
+                                                       denoise_to_zero, timesteps, **v3_given)
     return Options(
+        **v3_fields,
         model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps, skip_type=skip_type,
         lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero, solver_type=solver_type,
         thresholding=thresholding, thresholding_max_val=max_val, dynamic_thresholding_ratio=ratio,
         sample_max_value=sample_max_value, variant=variant, use_corrector=tuple(bool(u) for u in use_corrector), orders=orders,
         custom_grid=timesteps is not None, custom_model_times=model_timesteps is not None,
     )
+
+
+def _v3_options(schedule, algorithm, order, steps, skip_type, lower_order_final, denoise_to_zero, timesteps, *, ems,
+                use_corrector, p_pseudo, c_pseudo):
+    """DPM-Solver-v3's static options: ``(predictor orders, Options fields, use_corrector per step)``.
+    The time steps are snapped to the EMS grid here, on the host (concrete lambdas)."""
+    if ems is None:
+        raise ValueError("method='v3' needs ems= (its empirical model statistics: dpmjax.compute_ems, dpmjax.load_ems "
+                         "or dpmjax.degenerate_ems)")
+    check_ems(ems)
+    if algorithm != "dpmsolver++":
+        raise ValueError(f"method='v3' integrates the data prediction: it needs algorithm='dpmsolver++' (the default); "
+                         f"got algorithm={algorithm!r}")
+    if denoise_to_zero:
+        raise ValueError("denoise_to_zero does not apply to method='v3' (it ends at the EMS grid's last lambda: compute "
+                         "the EMS for the interval you sample)")
+    if timesteps is not None:
+        raise ValueError("timesteps does not apply to method='v3' (its time steps are points of the EMS grid, chosen "
+                         "by skip_type); remove it")
+    flags = {n: _boolean(n, v) for n, v in dict(use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo).items()}
+    p_orders, c_orders = _v3.v3_orders(order, steps, lower_order_final, flags["use_corrector"], flags["c_pseudo"])
+    idx = _v3.v3_indexes(schedule, ems, steps, skip_type)
+    fields = dict(ems_indexes=tuple(int(i) for i in idx), corrector_orders=c_orders, p_pseudo=flags["p_pseudo"],
+                  c_pseudo=flags["c_pseudo"])
+    return p_orders, fields, np.asarray(c_orders) > 0
+
+
+def v3_range(schedule, ems, t_start=None, t_end=None, sample_shape=None):
+    """``(t_start, t_end)`` of method ``"v3"``: the ends of its EMS grid (host values); the
+    user's own ``t_start``/``t_end`` are refused (the EMS fix the interval)."""
+    for name, v in (("t_start", t_start), ("t_end", t_end)):
+        if v is not None:
+            raise ValueError(f"{name} does not apply to method='v3' (it integrates over its EMS grid, from "
+                             f"ems.lambdas[0] to ems.lambdas[-1]: compute the EMS for the interval you sample); remove it")
+    check_ems(ems, sample_shape)
+    lam = np.asarray(ems.lambdas, np.float64)[[0, -1]]
+    times = _eval_concrete(lambda: schedule.inverse_lambda(jnp.asarray(lam, compute_dtype())))
+    if times is None:  # a traced schedule: _build takes the ends from the plan's own times
+        times = np.ones(2)
+    return times[0], times[1]
 
 
 def check_grid(opts: Options, schedule, timesteps, model_timesteps, direction="decreasing"):
@@ -470,7 +530,10 @@ class Solver:
         algorithms need it unless every :meth:`step` gets ``noise=``; ignored otherwise)."""
         dtype = self.plan.ax.dtype
         x = jnp.asarray(x_T).astype(dtype) * self.start_scale
-        K = self.plan.cx.shape[-1]
+        if self.plan.g_p is not None and tuple(x.shape[1:]) != tuple(self.plan.g_p.shape[1:]):
+            raise ValueError(f"x_T must have shape (B, *sample_shape) with the EMS' sample shape "
+                             f"{tuple(self.plan.g_p.shape[1:])}; got {tuple(x.shape)}")
+        K = self.plan.cx.shape[1]
         if self.options.stochastic:
             key = check_key("key", key, required=False)
         else:
@@ -514,7 +577,7 @@ class Solver:
         """``state`` with its solution replaced by the user-scale ``x`` (see :meth:`current`)."""
         _, scale = self._current_time_scale(state.i)
         x = jnp.asarray(x).astype(state.x.dtype) * scale
-        if state.y is not None and self.options.method != "unipc":
+        if state.y is not None and self.options.method not in ("unipc", "v3"):
             # singlestep: y is x between outer steps (after a final stage, or before the first)
             ends = jnp.asarray((1,) + tuple(int(k > 0) for k in self.layout.x_step))
             return state._replace(x=x, y=jnp.where(ends[state.i] > 0, x, state.y))
@@ -539,7 +602,7 @@ class Solver:
         (their times), and the strings ``model_type``, ``algorithm``, ``method``.
         """
         p = self.plan
-        n, K = p.cx.shape
+        n, K = p.cx.shape[:2]
         zeros = np.zeros((n,))
         out = {
             "t_eval": p.t_eval, "t_model": p.t_model, "in_scale": p.in_scale,
@@ -550,6 +613,8 @@ class Solver:
             "t_state": p.t_state, "t_y": p.t_state if p.t_y is None else p.t_y,
             "start_scale": self.start_scale, "end_scale": self.end_scale,
         }
+        if p.g_p is not None:  # DPM-Solver-v3: hist[slot[r]] = g_p[r] m + g_q[r] y + g_r[r]; + rx[r], + ry[r]
+            out.update(g_p=p.g_p, g_q=p.g_q, g_r=p.g_r, rx=p.rx, ry=p.ry)
         out = {k: np.asarray(v) for k, v in out.items()}
         out.update(
             x_step=np.asarray(self.layout.x_step, np.int32), y_step=np.asarray(self.layout.y_step, np.int32),
@@ -606,10 +671,14 @@ class Solver:
         applies ``correcting_xt_fn`` to a state that completes a step (sample's driver)."""
         y = state.x if state.y is None else state.y
         m = self._convert(out, y, row)
+        if row.g_p is not None:  # DPM-Solver-v3 stores G = p m + q y + r (per dimension)
+            m = row.g_p * m + row.g_q * y + row.g_r
         hist = jax.lax.dynamic_update_index_in_dim(state.hist, m, row.slot, 0)
         x = row.ax * state.x + _combine(row.cx, hist)
         if row.bx is not None:
             x = x + row.bx * y
+        if row.rx is not None:
+            x = x + row.rx
         if row.nz is not None:
             if noise is None:
                 if state.key is None:
@@ -623,6 +692,8 @@ class Solver:
         y_new = None
         if row.ay is not None:
             y_new = row.ay * x + _combine(row.cy, hist)
+            if row.ry is not None:
+                y_new = y_new + row.ry
             if correct is not None and any(self.layout.y_step):
                 y_new = jnp.where(flags[1] > 0, correct(y_new, row.t_y, flags[1]), y_new)
         return SolverState(x=x, y=y_new, hist=hist, i=state.i + 1, key=state.key)
@@ -681,7 +752,7 @@ def _denoise_row(plan: _up.Plan, t_end, schedule, opts: Options) -> _up.Plan:
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)]), plan, row)
 
 
-def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps) -> Solver:
+def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps, ems=None) -> Solver:
     """The coefficient tables of ``opts`` (traceable; jitted below)."""
     dtype = compute_dtype()
     if timesteps is not None:
@@ -689,7 +760,11 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps) 
         t_start, t_end = timesteps[0], timesteps[-1]
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
     kw = dict(predict_data=opts.predict_data)
-    if opts.method in ("multistep", "unipc"):
+    if opts.method == "v3":
+        plan, layout = _v3.solver_plan(schedule, ems, opts.ems_indexes, opts.orders, opts.corrector_orders,
+                                       p_pseudo=opts.p_pseudo, c_pseudo=opts.c_pseudo)
+        t_start, t_end = plan.t_eval[0], plan.t_y[-1]
+    elif opts.method in ("multistep", "unipc"):
         ts = timesteps if timesteps is not None else _ts.time_grid(schedule, opts.skip_type, t_start, t_end, opts.steps)
         if opts.method == "multistep":
             plan, layout = _up.multistep_plan(schedule, ts, opts.orders, solver_type=opts.solver_type,
@@ -747,13 +822,17 @@ def solver(
     model_timesteps=None,
     orders=None,
     sample_max_value=None,
+    ems=None,
+    use_corrector: bool = True,
+    p_pseudo: bool = False,
+    c_pseudo: bool = True,
 ) -> Solver:
     """A fixed-step solver for a hand-written sampling loop (the one-step API).
 
     Takes the options of :func:`dpmjax.sample` that do not concern the model call (same
     names, defaults and meaning; ``method`` one of ``"multistep"``, ``"singlestep"``,
-    ``"singlestep_fixed"``, ``"unipc"``). Options that do not apply to ``method`` are
-    rejected. ``orders``: per-step orders (multistep, unipc) or per-outer-step orders
+    ``"singlestep_fixed"``, ``"unipc"``, ``"v3"`` with ``ems=``). Options that do not apply
+    to ``method`` are rejected. ``orders``: per-step orders (multistep, unipc) or per-outer-step orders
     (singlestep, summing to ``steps``) instead of the built-in rules.
 
     Returns a :class:`Solver`: its :meth:`~Solver.init`, :meth:`~Solver.model_inputs`,
@@ -784,13 +863,16 @@ def solver(
         solver_type=solver_type, thresholding=thresholding, thresholding_max_val=thresholding_max_val,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
         orders=orders, timesteps=timesteps, model_timesteps=model_timesteps, sample_max_value=sample_max_value,
+        ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo,
     )
     if timesteps is not None and (t_start is not None or t_end is not None):
         raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end")
-    if timesteps is None:
+    if opts.method == "v3":
+        t_start, t_end = v3_range(schedule, ems, t_start, t_end)
+    elif timesteps is None:
         t_start, t_end = resolve_times(schedule, t_start, t_end)
     check_grid(opts, schedule, timesteps, model_timesteps)
-    return build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps), _host(model_timesteps))
+    return build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps), _host(model_timesteps), ems=ems)
 
 
 def _host(v):

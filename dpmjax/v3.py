@@ -1,4 +1,13 @@
-"""DPM-Solver-v3 (Zheng, Lu, Chen, Zhu, NeurIPS 2023, arXiv:2310.13268) as a coefficient table and one ``lax.scan``.
+"""DPM-Solver-v3 (Zheng, Lu, Chen, Zhu, NeurIPS 2023, arXiv:2310.13268) as a coefficient table.
+
+Use it through ``dpmjax.sample(..., method="v3", ems=ems)`` or the one-step API
+``dpmjax.solver(schedule, method="v3", ems=ems)``: the table below becomes per-dimension
+rows of :class:`dpmjax.updates.Plan` (:func:`solver_plan`), run by the same solver step
+as every other method. Example::
+
+    ems = dpmjax.compute_ems(model_fn, params, key, (2,), schedule=schedule, data=train_data)
+    x = dpmjax.sample(model_fn, params, key, (16, 2), schedule=schedule, method="v3", ems=ems,
+                      order=3, steps=6, skip_type="logSNR")
 
 **The update.** With the EMS ``l, s, b`` of :mod:`dpmjax.ems` on a uniform lambda grid
 (``lambdas[0]`` at the start), let ``L, S`` be the cumulative integrals of ``l, s`` and
@@ -49,20 +58,17 @@ corrector and order-2 predictor).
 
 from __future__ import annotations
 
-import functools
-import math
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import models as _models
 from . import timesteps as _ts
+from . import updates as _up
 from .ems import EMS, check_ems
 from .schedules import NoiseSchedule
 
-__all__ = ["V3Plan", "v3_indexes", "v3_orders", "v3_plan", "sample_v3", "V3_SKIP_TYPES"]
+__all__ = ["V3Plan", "v3_indexes", "v3_orders", "v3_plan", "solver_plan", "V3_SKIP_TYPES"]
 
 V3_SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic", "karras")
 
@@ -310,160 +316,28 @@ def v3_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p
     )
 
 
-# --------------------------------------------------------------------------- the driver
+# --------------------------------------------------------------------------- as a solver
 
 
-def _combine(coefs, hist):
-    out = coefs[0] * hist[0]
-    for k in range(1, hist.shape[0]):
-        out = out + coefs[k] * hist[k]
-    return out
+def solver_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p_pseudo: bool = False,
+                c_pseudo: bool = True):
+    """The table of :func:`v3_plan` as the rows of a :class:`dpmjax.Solver`
+    (``(Plan, Layout)``, run by the same ``step`` as every method).
 
-
-def v3_scan(predict_data, plan: V3Plan, x_T, *, corrector: bool = True, return_intermediate: bool = False):
-    """Run a :class:`V3Plan`: ``predict_data(x, t)`` returns the data prediction at solver
-    scale. One ``lax.scan`` over the model evaluations; returns the state after the last
-    predictor (and the corrected states at the evaluation points with ``return_intermediate``)."""
-    K = plan.cx.shape[1]
-
-    def body(carry, inp):
-        x_prev, x_cur, hist = carry
-        m = predict_data(x_cur, inp["t_eval"])
-        g = inp["p"] * m + inp["q"] * x_cur + inp["r"]
-        hist = jax.lax.dynamic_update_index_in_dim(hist, g, inp["slot"], 0)
-        if corrector:
-            x_cur = inp["ax"] * x_prev + inp["bx"] * x_cur + _combine([inp["cx"][k] for k in range(K)], hist) + inp["rx"]
-        x_next = inp["ay"] * x_cur + _combine([inp["cy"][k] for k in range(K)], hist) + inp["ry"]
-        return (x_cur, x_next, hist), (x_cur if return_intermediate else None)
-
-    inputs = {k: getattr(plan, k) for k in ("t_eval", "slot", "p", "q", "r", "ay", "cy", "ry")}
-    if corrector:
-        inputs.update({k: getattr(plan, k) for k in ("ax", "bx", "cx", "rx")})
-    hist0 = jnp.zeros((K,) + x_T.shape, x_T.dtype)
-    (_, x, _), xs = jax.lax.scan(body, (x_T, x_T, hist0), inputs)
-    return x, xs
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8))
-def _sample_v3_jit(model_fn, model_type, shape, indexes, p_orders, c_orders, p_pseudo, c_pseudo, return_intermediate,
-                   schedule, ems, params, key, noise):
-    dtype = jnp.result_type(float)
-    idx = np.asarray(indexes)
-    plan = v3_plan(schedule, ems, idx, p_orders, c_orders, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
-    lam = jnp.asarray(ems.lambdas, dtype)
-    t_start = schedule.inverse_lambda(lam[0])
-    t_end = schedule.inverse_lambda(lam[-1])
-    if noise is None:
-        x_T = jax.random.normal(key, shape, dtype) * schedule.prior_std(t_start)
-    else:
-        x_T = jnp.asarray(noise).astype(dtype)
-    x_T = x_T * schedule.state_scale(t_start)
-
-    def predict_data(x, t):
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        t_model = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype)
-        out = jnp.asarray(model_fn(params, x / schedule.state_scale(t), t_model))
-        if out.shape != x.shape:
-            raise ValueError(f"model_fn output shape {out.shape} != x shape {x.shape}")
-        return _models.to_data(out.astype(dtype), x, alpha, sigma, model_type)
-
-    x, xs = v3_scan(predict_data, plan, x_T, corrector=any(c > 0 for c in c_orders),
-                    return_intermediate=return_intermediate)
-    result = x / schedule.state_scale(t_end)
-    if not return_intermediate:
-        return result
-    scales = schedule.state_scale(plan.t_eval)
-    scales = jnp.reshape(jnp.asarray(scales, dtype) * jnp.ones_like(plan.t_eval), (-1,) + (1,) * len(shape))
-    return result, jnp.concatenate([xs / scales, result[None]], 0)
-
-
-def _is_key(a):
-    a = jnp.asarray(a) if not hasattr(a, "dtype") else a
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-        return True
-    return a.dtype == jnp.uint32 and a.shape == (2,)
-
-
-def sample_v3(
-    model_fn: Callable,
-    params: Any,
-    key_or_noise,
-    shape,
-    *,
-    schedule: NoiseSchedule,
-    ems: EMS,
-    model_type: str = "noise",
-    order: int = 3,
-    steps: int = 10,
-    skip_type: str = "logSNR",
-    use_corrector: bool = True,
-    p_pseudo: bool = False,
-    c_pseudo: bool = True,
-    lower_order_final: bool = True,
-    return_intermediate: bool = False,
-):
-    """Sample with DPM-Solver-v3 (multistep predictor-corrector with empirical model statistics).
-
-    Integrates the probability-flow ODE over the EMS grid's range, from
-    ``t_start = inverse_lambda(ems.lambdas[0])`` to ``t_end = inverse_lambda(ems.lambdas[-1])``
-    (compute the EMS for the range you sample), in ``steps`` model evaluations on the
-    ``skip_type`` grid snapped to EMS grid points. Formulas and procedure: module docstring.
-
-    Args:
-      model_fn: ``model_fn(params, x, t)`` as for :func:`dpmjax.sample`.
-      params: the model's parameters (traced).
-      key_or_noise: a PRNG key (``x_T ~ N(0, prior_std^2)``), or the starting noise ``x_T``
-        of shape ``shape`` (user scale).
-      shape: ``(B, *sample_shape)``; ``sample_shape`` must be the EMS arrays' ``shape[1:]``.
-      schedule: the noise schedule the EMS were computed with.
-      ems: a :class:`dpmjax.EMS` (:func:`dpmjax.compute_ems`, :func:`dpmjax.load_ems`).
-      model_type: the network's output type.
-      order: predictor order 1, 2 or 3.
-      steps: NFE (>= order).
-      skip_type: ``"logSNR"`` (default), ``"time_uniform"``, ``"time_quadratic"`` or
-        ``"karras"`` (the authors' ``"edm"``).
-      use_corrector, p_pseudo, c_pseudo, lower_order_final: the authors' options (their
-        CIFAR-10 settings: 5 NFE ``p_pseudo=True, lower_order_final=False``; 6-8 NFE
-        ``p_pseudo=False, lower_order_final=True``; both with the corrector and
-        ``c_pseudo=False``).
-      return_intermediate: also return the ``steps + 1`` states at the time steps.
-
-    Example::
-
-        ems = dpmjax.load_ems("statistics/my_model", schedule)
-        x = dpmjax.sample_v3(model_fn, params, key, (16, 2), schedule=schedule, ems=ems, steps=6)
+    The carry is UniPC's: ``y`` is the evaluation point (``x_cur``) and ``x`` the state at
+    the previous evaluation (``x_prev``), corrected. Row ``n`` evaluates at ``t_n``, stores
+    ``G = g_p m + g_q y + g_r``, corrects ``x = ax x + bx y + sum_k cx[k] G_k + rx`` (the state
+    at ``t_n``; ``ax = 0, bx = 1`` without a corrector) and predicts
+    ``y = ay x + sum_k cy[k] G_k + ry`` at ``t_{n+1}``.
     """
-    if not callable(model_fn):
-        raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
-    if model_type not in _models.MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(map(repr, _models.MODEL_TYPES))}; got {model_type!r}")
-    for name, v in (("order", order), ("steps", steps)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int; got {type(v).__name__} {v!r}")
-    if order not in (1, 2, 3):
-        raise ValueError(f"order must be 1, 2 or 3; got {order}")
-    if steps < order:
-        raise ValueError(f"steps must be >= order; got steps={steps}, order={order}")
-    try:
-        shape = tuple(int(d) for d in shape)
-    except TypeError:
-        raise TypeError(f"shape must be a tuple of ints; got {shape!r}") from None
-    if len(shape) < 2 or any(d < 1 for d in shape):
-        raise ValueError(f"shape must be (B, *sample_shape) with positive sizes; got {shape}")
-    check_ems(ems, shape[1:])
-    idx = v3_indexes(schedule, ems, steps, skip_type)
-    p_orders, c_orders = v3_orders(order, steps, lower_order_final, use_corrector, c_pseudo)
-    if _is_key(key_or_noise):
-        key, noise = key_or_noise, None
-    else:
-        key, noise = None, jnp.asarray(key_or_noise)
-        if noise.shape != shape:
-            raise ValueError(f"noise (key_or_noise) must have shape {shape}; got {noise.shape}")
+    vp = v3_plan(schedule, ems, indexes, p_orders, c_orders, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
     dtype = jnp.result_type(float)
-    ems = EMS(np.asarray(ems.lambdas), *(jnp.asarray(a, dtype) for a in (ems.l, ems.s, ems.b)))
-    return _sample_v3_jit(
-        model_fn, model_type, shape, tuple(int(i) for i in idx), p_orders, c_orders, bool(p_pseudo), bool(c_pseudo),
-        bool(return_intermediate), schedule, ems, params, key, noise,
+    times = schedule.inverse_lambda(jnp.asarray(ems.lambdas, dtype)[np.asarray(indexes)])
+    steps = len(p_orders)
+    plan = _up.Plan(
+        t_eval=vp.t_eval, slot=vp.slot, ax=vp.ax, cx=vp.cx, t_state=vp.t_eval, bx=vp.bx, ay=vp.ay, cy=vp.cy,
+        t_y=times[1:], g_p=vp.p, g_q=vp.q, g_r=vp.r, rx=vp.rx, ry=vp.ry,
     )
+    # x completes step n (at t_n) in row n; y completes the last step after the last row.
+    layout = _up.Layout(x_step=tuple(range(steps)), y_step=(0,) * (steps - 1) + (steps,))
+    return plan, layout

@@ -26,7 +26,7 @@ import pytest
 
 import dpmjax
 from dpmjax.ems import EMS, check_ems, compute_ems, degenerate_ems, load_ems, save_ems
-from dpmjax.v3 import sample_v3, v3_indexes, v3_orders
+from dpmjax.v3 import v3_indexes, v3_orders, v3_plan
 
 MEAN = (0.5, -1.0)
 STD = (0.3, 1.5)
@@ -35,6 +35,14 @@ STD = (0.3, 1.5)
 def _gaussian():
     gm = dpmjax.GaussianMixture.gaussian(jnp.asarray(MEAN), jnp.asarray(STD))
     return gm, gm.model_fn(dpmjax.VPLinear())
+
+
+def _sample_v3(model_fn, params, key_or_noise, shape, **kw):
+    """``dpmjax.sample(method="v3")`` from a starting noise (or a key), the authors' defaults."""
+    kw = dict(dict(order=3, steps=10, skip_type="logSNR"), **kw)
+    if jnp.issubdtype(jnp.asarray(key_or_noise).dtype, jax.dtypes.prng_key):
+        return dpmjax.sample(model_fn, params, key_or_noise, shape, method="v3", **kw)
+    return dpmjax.sample(model_fn, params, None, shape, noise=key_or_noise, method="v3", **kw)
 
 
 def _x_T(b=8):
@@ -149,7 +157,7 @@ def test_v3_with_gaussian_ems_is_exact_at_first_order(x64):
         lam = degenerate_ems(sched, (2,), n=n).lambdas
         ems = EMS(lam, *(jnp.asarray(a) for a in _gaussian_ems(lam)))
         exact = gm.ode_solution(x_T, sched, sched.inverse_lambda(lam[0]), sched.inverse_lambda(lam[-1]))
-        x = sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=1, steps=5, use_corrector=False)
+        x = _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=1, steps=5, use_corrector=False)
         errs.append(float(jnp.max(jnp.abs(x - exact))))
     ddim = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, order=1, steps=5,
                          timesteps=sched.inverse_lambda(lam[np.arange(0, 1001, 200)]))
@@ -159,7 +167,7 @@ def test_v3_with_gaussian_ems_is_exact_at_first_order(x64):
     data = gm.sample(jax.random.key(1), 64)
     ems = compute_ems(model_fn, gm, jax.random.key(0), (2,), schedule=sched, data=data, n_lambdas=401, batch_size=32)
     exact = gm.ode_solution(x_T, sched, sched.inverse_lambda(ems.lambdas[0]), sched.inverse_lambda(ems.lambdas[-1]))
-    x = sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=1, steps=5, use_corrector=False)
+    x = _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=1, steps=5, use_corrector=False)
     assert float(jnp.max(jnp.abs(x - exact))) < 1e-3
 
 
@@ -237,7 +245,7 @@ def test_unipc_reference_matches_library(x64):
     ems = degenerate_ems(sched, (2,), n=600)
     idx, lam, ts, a, s = _ref_inputs(sched, ems, 6)
     for order in (2, 3):
-        p = dpmjax.timesteps.unipc_orders(order, 6, True)
+        p = dpmjax.timesteps.multistep_orders(order, 6, True, final_below=None)
         c = (0,) + p[:-1]
         ref = _unipc_reference(_x0_fn(model_fn, gm, sched), ts, lam, a, s, np.asarray(x_T), p, c, "unipc")
         lib = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, method="unipc", variant="bh2",
@@ -260,7 +268,7 @@ def test_degenerate_predictor_is_dpmsolverpp(x64, order):
 
     def run(n):
         ems = degenerate_ems(sched, (2,), n=n)
-        return sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
+        return _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
                          use_corrector=False)
 
     x, x_extrapolated = _richardson(run, 1200)
@@ -284,7 +292,7 @@ def test_degenerate_v3_is_unipc_with_exact_weights(x64, order, use_corrector, c_
 
     def run(n):
         ems = degenerate_ems(sched, (2,), n=n)
-        return sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
+        return _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
                          use_corrector=use_corrector, c_pseudo=c_pseudo)
 
     x, x_extrapolated = _richardson(run, 1200)
@@ -394,12 +402,143 @@ def test_matches_loop_reference_with_general_ems(x64, order, use_corrector, p_ps
     ems = _perturbed_gaussian_ems(sched, 300)
     steps = 6
     idx, lam, ts, a, _ = _ref_inputs(sched, ems, steps)
-    x = sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
+    x = _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=steps,
                   use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo,
                   lower_order_final=lower_order_final)
     ref = _v3_loop_reference(_x0_fn(model_fn, gm, sched), ems, idx, ts, a, x_T, order, use_corrector, p_pseudo,
                              c_pseudo, lower_order_final)
     np.testing.assert_allclose(x, ref, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- one implementation
+
+
+def _table_loop(x0_fn, plan, x_T, c_orders):
+    """The :class:`dpmjax.v3.V3Plan` table run by a plain NumPy loop (its documented
+    recurrence), independent of the solver's step: carry ``(x_prev, x_cur)``."""
+    P = jax.tree_util.tree_map(np.asarray, plan)
+    K = P.cx.shape[1]
+    x_prev = x_cur = np.asarray(x_T)
+    hist = np.zeros((K,) + x_cur.shape)
+    for n in range(P.t_eval.shape[0]):
+        hist[P.slot[n]] = P.p[n] * x0_fn(x_cur, P.t_eval[n]) + P.q[n] * x_cur + P.r[n]
+        if c_orders[n]:
+            x_cur = P.ax[n] * x_prev + P.bx[n] * x_cur + sum(P.cx[n, k] * hist[k] for k in range(K)) + P.rx[n]
+        x_prev, x_cur = x_cur, P.ay[n] * x_cur + sum(P.cy[n, k] * hist[k] for k in range(K)) + P.ry[n]
+    return x_cur
+
+
+V3_CONFIGS = [
+    # order, use_corrector, p_pseudo, c_pseudo, lower_order_final, skip_type
+    (1, False, False, False, True, "logSNR"),
+    (1, True, False, True, True, "time_uniform"),
+    (2, True, False, False, True, "logSNR"),
+    (2, False, True, False, False, "time_quadratic"),
+    (3, True, True, True, False, "logSNR"),
+    (3, True, False, False, True, "karras"),
+    (3, False, False, True, True, "logSNR"),
+]
+
+
+@pytest.mark.parametrize("order, use_corrector, p_pseudo, c_pseudo, lower_order_final, skip_type", V3_CONFIGS)
+def test_sample_v3_runs_the_v3_table(x64, order, use_corrector, p_pseudo, c_pseudo, lower_order_final, skip_type):
+    """``sample(method="v3")`` (the shared solver step over per-dimension rows) equals the
+    v3 coefficient table run by its own recurrence, on non-trivial EMS, to 1e-10."""
+    sched = dpmjax.VPLinear()
+    gm, model_fn = _gaussian()
+    x_T = _x_T()
+    ems = _perturbed_gaussian_ems(sched, 300)
+    steps = 7
+    idx = v3_indexes(sched, ems, steps, skip_type)
+    p, c = v3_orders(order, steps, lower_order_final, use_corrector, c_pseudo)
+    plan = v3_plan(sched, ems, idx, p, c, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
+    ref = _table_loop(_x0_fn(model_fn, gm, sched), plan, x_T, c)
+    x = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, method="v3", ems=ems, order=order,
+                      steps=steps, skip_type=skip_type, use_corrector=use_corrector, p_pseudo=p_pseudo,
+                      c_pseudo=c_pseudo, lower_order_final=lower_order_final)
+    np.testing.assert_allclose(x, ref, rtol=0, atol=1e-10)
+
+
+def test_step_api_hand_loop_equals_sample(x64):
+    """``dpmjax.solver(method="v3")`` driven by a Python loop gives sample()'s result and
+    intermediate states; the exported tables run by their documented recurrence agree too."""
+    sched = dpmjax.VPLinear()
+    gm, model_fn = _gaussian()
+    x_T = _x_T()
+    ems = _perturbed_gaussian_ems(sched, 300)
+    kw = dict(method="v3", ems=ems, order=3, steps=6, skip_type="logSNR", use_corrector=True, c_pseudo=False)
+    x, states = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, return_intermediate=True, **kw)
+    solver = dpmjax.solver(sched, **kw)
+    assert solver.num_evals == 6
+    step = jax.jit(lambda st, out: solver.step(st, out))
+    state = solver.init(x_T)
+    seen = [np.asarray(solver.current(state)[0])]
+    for _ in range(solver.num_evals):
+        x_in, t_in = solver.model_inputs(state)
+        state = step(state, model_fn(gm, x_in, t_in))
+        seen.append(np.asarray(solver.current(state)[0]))
+    np.testing.assert_allclose(solver.result(state), x, rtol=0, atol=1e-12)
+    # states: x_T, the corrected states at t_1 .. t_5, the result (current() lags one row).
+    assert states.shape == (7, 8, 2)
+    np.testing.assert_allclose(states[:-1], np.stack(seen[:1] + seen[2:]), rtol=0, atol=1e-12)
+    # current() reports the time of the state it returns: the EMS grid point of step n.
+    t_grid = sched.inverse_lambda(jnp.asarray(ems.lambdas)[v3_indexes(sched, ems, 6)])
+    np.testing.assert_allclose(solver.current(state)[1], t_grid[5], rtol=1e-12)
+
+    e = solver.export()
+    assert e["g_p"].shape == (6, 2) and e["cx"].shape[:2] == (6, e["slot"].max() + 1)
+    xs, ys = np.asarray(x_T) * e["start_scale"], np.asarray(x_T) * e["start_scale"]
+    hist = np.zeros((e["cx"].shape[1],) + xs.shape)
+    for r in range(6):
+        out = np.asarray(model_fn(gm, ys / e["in_scale"][r], np.full((8,), e["t_model"][r])))
+        m = e["out_coef"][r] * out + e["x_coef"][r] * ys
+        hist[e["slot"][r]] = e["g_p"][r] * m + e["g_q"][r] * ys + e["g_r"][r]
+        xs = e["ax"][r] * xs + e["bx"][r] * ys + sum(e["cx"][r, k] * hist[k] for k in range(hist.shape[0])) + e["rx"][r]
+        ys = e["ay"][r] * xs + sum(e["cy"][r, k] * hist[k] for k in range(hist.shape[0])) + e["ry"][r]
+    np.testing.assert_allclose(ys / e["end_scale"], x, rtol=0, atol=1e-12)
+
+
+def test_v3_option_errors():
+    sched = dpmjax.VPLinear()
+    gm, model_fn = _gaussian()
+    ems = degenerate_ems(sched, (2,), n=50)
+    args = (model_fn, gm, jax.random.key(0), (4, 2))
+    with pytest.raises(ValueError, match="method='v3' needs ems="):
+        dpmjax.sample(*args, schedule=sched, method="v3", steps=5)
+    with pytest.raises(ValueError, match="method='v3' needs ems="):
+        dpmjax.solver(sched, method="v3", steps=5)
+    for method in ("multistep", "unipc", "singlestep", "adaptive"):
+        with pytest.raises(ValueError, match="ems does not apply to method"):
+            dpmjax.sample(*args, schedule=sched, method=method, ems=ems)
+    with pytest.raises(ValueError, match="ems does not apply to method"):
+        dpmjax.solver(sched, method="multistep", ems=ems)
+    for name, value in (("use_corrector", False), ("p_pseudo", True), ("c_pseudo", False)):
+        with pytest.raises(ValueError, match=f"{name}={value} does not apply to method='unipc'"):
+            dpmjax.sample(*args, schedule=sched, method="unipc", **{name: value})
+        with pytest.raises(ValueError, match=f"{name}={value} does not apply to method='adaptive'"):
+            dpmjax.sample(*args, schedule=sched, method="adaptive", order=2, **{name: value})
+    kw = dict(schedule=sched, method="v3", ems=ems, steps=5)
+    for bad, match in (
+        (dict(algorithm="dpmsolver"), r"algorithm='dpmsolver\+\+'"),
+        (dict(t_start=0.9), "t_start does not apply to method='v3'"),
+        (dict(t_end=0.01), "t_end does not apply to method='v3'"),
+        (dict(timesteps=np.linspace(1.0, 0.01, 6)), "timesteps does not apply to method='v3'"),
+        (dict(denoise_to_zero=True), "denoise_to_zero does not apply to method='v3'"),
+        (dict(variant="bh1"), "variant='bh1' does not apply to method='v3'"),
+        (dict(orders=(1, 2, 3, 3, 3)), "does not apply to method='v3'"),
+        (dict(skip_type="edm"), "skip_type must be one of"),
+        (dict(steps=2, order=3), "steps must be >= order"),
+        (dict(p_pseudo=1), "p_pseudo must be"),
+    ):
+        with pytest.raises((ValueError, TypeError), match=match):
+            dpmjax.sample(*args, **dict(kw, **bad))
+    with pytest.raises(ValueError, match="sample shape"):
+        dpmjax.sample(model_fn, gm, jax.random.key(0), (4, 3), **kw)
+    solver = dpmjax.solver(**kw)
+    with pytest.raises(ValueError, match="EMS' sample shape"):
+        solver.init(jnp.zeros((4, 1)))
+    with pytest.raises(ValueError, match="invert supports"):
+        dpmjax.invert(model_fn, gm, jnp.zeros((4, 2)), schedule=sched, method="v3")
 
 
 # --------------------------------------------------------------------------- convergence
@@ -432,7 +571,7 @@ def test_convergence_order(x64, order, use_corrector, p_pseudo, c_pseudo, steps,
     exact = gm.ode_solution(x_T, sched, sched.inverse_lambda(ems.lambdas[0]), sched.inverse_lambda(ems.lambdas[-1]))
     errors = []
     for n in steps:
-        x = sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=n,
+        x = _sample_v3(model_fn, gm, x_T, x_T.shape, schedule=sched, ems=ems, order=order, steps=n,
                       use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo, lower_order_final=False)
         errors.append(float(jnp.sqrt(jnp.mean((x - exact) ** 2))))
     p = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
@@ -495,13 +634,13 @@ def test_argument_errors():
     ems = degenerate_ems(sched, (2,), n=10)
     kw = dict(schedule=sched, ems=ems)
     with pytest.raises(ValueError, match="same point of the EMS grid"):
-        sample_v3(model_fn, gm, jax.random.key(0), (4, 2), steps=20, **kw)
+        _sample_v3(model_fn, gm, jax.random.key(0), (4, 2), steps=20, **kw)
     with pytest.raises(ValueError, match="sample shape"):
-        sample_v3(model_fn, gm, jax.random.key(0), (4, 3), steps=5, **kw)
-    with pytest.raises(ValueError, match="order must be 1, 2 or 3"):
-        sample_v3(model_fn, gm, jax.random.key(0), (4, 2), order=4, steps=5, **kw)
+        _sample_v3(model_fn, gm, jax.random.key(0), (4, 3), steps=5, **kw)
+    with pytest.raises(ValueError, match=r"order must be in 1\.\.3"):
+        _sample_v3(model_fn, gm, jax.random.key(0), (4, 2), order=4, steps=5, **kw)
     with pytest.raises(ValueError, match="skip_type"):
-        sample_v3(model_fn, gm, jax.random.key(0), (4, 2), steps=5, skip_type="quadratic", **kw)
+        _sample_v3(model_fn, gm, jax.random.key(0), (4, 2), steps=5, skip_type="quadratic", **kw)
     with pytest.raises(TypeError, match="dpmjax.EMS"):
         check_ems((ems.lambdas, ems.l, ems.s, ems.b))
     with pytest.raises(ValueError, match="data must have shape"):

@@ -1,0 +1,185 @@
+"""DPM-Solver-v3 against UniPC-bh2 and DPM-Solver++(3M) at few steps, on the mixtures of accuracy.py.
+
+DPM-Solver-v3 (Zheng et al. 2023, arXiv:2310.13268) needs the model's empirical model
+statistics (EMS). They are computed here with :func:`dpmjax.compute_ems` from samples of
+the data distribution (the paper uses training data), for the concatenated problems of
+``accuracy.py``'s ``make_problems`` at once: every EMS is per dimension and the problems'
+coordinates do not interact (the model's Jacobian is block diagonal), so each block gets
+the statistics it would get alone. The EMS time is reported.
+
+For every NFE, the sample from a fixed ``x_T`` is compared with a float64 reference from
+the same ``x_T`` (DPM-Solver++(3M), ``time_uniform``, ``2 x --ref-steps`` steps, checked
+against ``--ref-steps``), as in ``accuracy.py``: the error is the RMS over samples and
+coordinates of ``x_sampler - x_ref`` at ``t_end``, the geometric mean over the problems
+in the summary. All solvers use the ``logSNR`` grid (v3's snapped to the EMS grid points,
+which moves its time steps by at most half an EMS interval). Rows:
+
+* ``DPM-Solver-v3``: order 3 with the corrector and the authors' settings per NFE
+  (5 NFE: ``p_pseudo=True, lower_order_final=False``; more: ``p_pseudo=False,
+  lower_order_final=True``; both ``c_pseudo=False``);
+* ``v3, degenerate EMS``: the same with ``l = 1, s = b = 0`` (data-prediction UniPC with
+  exact weights): what the statistics themselves contribute;
+* ``UniPC-bh2 order 3`` and ``DPM-Solver++(3M)``: dpmjax's other methods.
+
+Run::
+
+    python benchmarks/v3_accuracy.py            # ~5 min on 2 CPU cores
+    python benchmarks/v3_accuracy.py --schedules VPLinear --batch 256   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from accuracy import geomean, make_problems, make_schedule, SCHEDULES
+from report import provenance, write_markdown
+
+NFES = (5, 6, 8, 10)
+
+
+def v3_settings(nfe):
+    """The authors' DPM-Solver-v3 settings for an NFE (order 3, corrector)."""
+    few = nfe <= 5
+    return dict(method="v3", order=3, use_corrector=True, p_pseudo=few, c_pseudo=False, lower_order_final=not few)
+
+
+BASELINES = [
+    ("UniPC-bh2 order 3", dict(algorithm="dpmsolver++", method="unipc", order=3, variant="bh2")),
+    ("DPM-Solver++(3M)", dict(algorithm="dpmsolver++", method="multistep", order=3)),
+]
+
+
+def run_schedule(schedule_name, nfes, batch, ref_steps, n_lambdas, ems_samples, log):
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    import dpmjax
+
+    schedule = make_schedule(schedule_name, dpmjax)
+    problems = make_problems(jnp, dpmjax)
+    mixtures = tuple(gm for _, gm in problems)
+    bounds = np.cumsum([0, *[gm.dim for gm in mixtures]])
+    dim = int(bounds[-1])
+
+    def model_fn(params, x, t_model):
+        t = schedule.solver_time(t_model)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        parts = [gm.eps(x[:, a:b], alpha, sigma) for gm, a, b in zip(params, bounds[:-1], bounds[1:])]
+        return jnp.concatenate(parts, axis=-1)
+
+    x_T = jax.random.normal(jax.random.key(42), (batch, dim), jnp.float64)
+
+    def sample(steps, **kw):
+        return dpmjax.sample(model_fn, mixtures, None, x_T.shape, schedule=schedule, noise=x_T, steps=steps, **kw)
+
+    def rms(x, ref):
+        d = np.asarray(x - ref)
+        return [float(np.sqrt(np.mean(d[:, a:b] ** 2))) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    t0 = time.perf_counter()
+
+    def note(msg):
+        log.append(f"[{schedule_name}] {msg} at {time.perf_counter() - t0:.1f}s")
+        print(log[-1], flush=True)
+
+    ref = sample(ref_steps, skip_type="time_uniform", algorithm="dpmsolver++", method="multistep", order=3)
+    ref2 = sample(2 * ref_steps, skip_type="time_uniform", algorithm="dpmsolver++", method="multistep", order=3)
+    check = rms(ref, ref2)
+    note("reference done")
+
+    keys = jax.random.split(jax.random.key(7), len(mixtures))
+    data = jnp.concatenate([gm.sample(k, ems_samples) for gm, k in zip(mixtures, keys)], axis=1)
+    t1 = time.perf_counter()
+    ems = dpmjax.compute_ems(model_fn, mixtures, jax.random.key(3), (dim,), schedule=schedule, data=data,
+                             n_lambdas=n_lambdas, n_samples=ems_samples, batch_size=min(ems_samples, 1024))
+    jax.block_until_ready(ems)
+    ems_time = time.perf_counter() - t1
+    note(f"EMS done ({ems_time:.1f}s)")
+    degenerate = dpmjax.degenerate_ems(schedule, (dim,), n=n_lambdas - 1)
+
+    errors = {}
+    for nfe in nfes:
+        errors[("DPM-Solver-v3", nfe)] = rms(sample(nfe, skip_type="logSNR", ems=ems, **v3_settings(nfe)), ref2)
+        errors[("v3, degenerate EMS", nfe)] = rms(sample(nfe, skip_type="logSNR", ems=degenerate,
+                                                         **v3_settings(nfe)), ref2)
+        for label, kw in BASELINES:
+            errors[(label, nfe)] = rms(sample(nfe, skip_type="logSNR", **kw), ref2)
+    note("solvers done")
+    return dict(schedule=schedule_name, problems=[n for n, _ in problems], check=check, ems_time=ems_time,
+                errors=errors)
+
+
+ROWS = ("DPM-Solver-v3", "v3, degenerate EMS", "UniPC-bh2 order 3", "DPM-Solver++(3M)")
+
+
+def table(res, nfes, which=None):
+    lines = ["| solver (logSNR) | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|" + "---:|" * len(nfes)]
+    for label in ROWS:
+        cells = []
+        for n in nfes:
+            e = res["errors"][(label, n)]
+            cells.append(f"{geomean(e) if which is None else e[which]:.2e}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=1000, help="samples per problem (default 1000)")
+    p.add_argument("--ref-steps", type=int, default=2000, help="reference steps (checked against 2x; default 2000)")
+    p.add_argument("--n-lambdas", type=int, default=1201, help="EMS grid points (default 1201, the authors')")
+    p.add_argument("--ems-samples", type=int, default=4096, help="data samples per EMS grid point (default 4096)")
+    p.add_argument("--nfes", default=",".join(map(str, NFES)), help="comma-separated NFE list")
+    p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {SCHEDULES}")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = p.parse_args(argv)
+    nfes = tuple(int(n) for n in args.nfes.split(","))
+    chosen = [s for s in SCHEDULES if s in args.schedules.split(",")]
+    if not chosen:
+        p.error(f"--schedules must name some of {SCHEDULES}")
+    prov = provenance(None if argv is None else [__file__, *argv])
+    t0 = time.perf_counter()
+    log = []
+    results = [run_schedule(s, nfes, args.batch, args.ref_steps, args.n_lambdas, args.ems_samples, log)
+               for s in chosen]
+    wall = time.perf_counter() - t0
+
+    lines = ["# DPM-Solver-v3 accuracy", ""]
+    lines += [
+        f"float64; {args.batch} samples from one fixed x_T per problem; EMS on {args.n_lambdas} lambdas x "
+        f"{args.ems_samples} data samples; wall time {wall:.0f}s.",
+        "",
+        "Error = RMS over samples and coordinates of (sample - reference) at t_end, the reference being "
+        f"DPM-Solver++(3M), time_uniform, {2 * args.ref_steps} steps. Problems: "
+        + "; ".join(results[0]["problems"]) + ".",
+        "",
+    ]
+    for res in results:
+        lines += [f"## {res['schedule']}", "",
+                  f"EMS time (compute_ems, compilation included): {res['ems_time']:.1f}s. Reference check "
+                  f"({args.ref_steps} vs {2 * args.ref_steps} steps): " + ", ".join(f"{e:.1e}" for e in res["check"]),
+                  "", "Geometric mean over the problems:", ""] + table(res, nfes) + [""]
+        for j, prob in enumerate(res["problems"]):
+            lines += [f"### {res['schedule']}: {prob}", ""] + table(res, nfes, j) + [""]
+    lines += ["## Log", ""] + [f"    {line}" for line in log] + [""]
+    partial = len(chosen) < len(SCHEDULES) or nfes != NFES
+    name = "v3_accuracy_partial" if partial else "v3_accuracy"
+    write_markdown(os.path.join(args.out, name + ".md"), lines, prov=prov)
+    with open(os.path.join(args.out, name + ".json"), "w") as f:
+        json.dump({"provenance": prov, "results": [
+            {**r, "errors": [[*k, v] for k, v in r["errors"].items()]} for r in results]}, f)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
