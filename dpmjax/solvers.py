@@ -621,7 +621,7 @@ class Solver:
             thresholding=bool(self.options.thresholding),
             dynamic_thresholding_ratio=self.options.dynamic_thresholding_ratio,
             thresholding_max_val=self.options.thresholding_max_val,
-            sample_max_value=self.options.sample_max_value,
+            sample_max_value=float("inf") if self.options.sample_max_value is None else self.options.sample_max_value,
             model_type=self.options.model_type, algorithm=self.options.algorithm, method=self.options.method,
         )
         return out
