@@ -688,14 +688,15 @@ class Solver:
                 raise ValueError(f"noise must have the state's shape {x.shape}; got {jnp.shape(noise)}")
             x = x + row.nz * jnp.asarray(noise).astype(x.dtype)
         if correct is not None:
-            x = jnp.where(flags[0] > 0, correct(x, row.t_state, flags[0]), x)
+            # lax.cond, not where: the user's hook runs only on rows that complete a step
+            x = jax.lax.cond(flags[0] > 0, lambda v: correct(v, row.t_state, flags[0]), lambda v: v, x)
         y_new = None
         if row.ay is not None:
             y_new = row.ay * x + _combine(row.cy, hist)
             if row.ry is not None:
                 y_new = y_new + row.ry
             if correct is not None and any(self.layout.y_step):
-                y_new = jnp.where(flags[1] > 0, correct(y_new, row.t_y, flags[1]), y_new)
+                y_new = jax.lax.cond(flags[1] > 0, lambda v: correct(v, row.t_y, flags[1]), lambda v: v, y_new)
         return SolverState(x=x, y=y_new, hist=hist, i=state.i + 1, key=state.key)
 
 

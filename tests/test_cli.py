@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -112,10 +113,22 @@ def test_fit_steps_then_sample_with_the_grid(capsys, moons_run, tmp_path):
     ts = dpmjax.load_timesteps(grid)
     assert ts.timesteps.shape == (5,) and np.all(np.diff(ts.timesteps) < 0)
     assert ts.model_timesteps.shape == (4,)  # network times fitted too (the default)
-    # the fitted error is at most the best starting grid's (the fit keeps only improvements)
-    fitted = float(re.search(r"fitted error ([0-9.]+)", out).group(1))
-    starts = [float(v) for v in re.findall(r"(?:dp|logSNR|time_uniform|time_quadratic|karras|edm) ([0-9.]+)", out)]
-    assert starts and fitted <= min(starts) + 1e-4
+    # measured on noise the fit never saw: UniPC on the fitted grid lands closer to a fine
+    # solution of the trained model than UniPC on the logSNR grid
+    from dpmjax.train.trainer import load_trained
+
+    trainer, state = load_trained(moons_run)
+    trainer.close()
+    xT = jax.random.normal(jax.random.key(123), (256,) + trainer.dataset.shape)
+    kw = dict(schedule=trainer.schedule, noise=xT, order=2)
+
+    def solve(**k):
+        return np.asarray(dpmjax.sample(trainer.model_fn, state.ema_params, None, xT.shape, **kw, **k))
+
+    fine = solve(method="multistep", steps=200, skip_type="logSNR")
+    err = {name: float(np.sqrt(np.mean((solve(method="unipc", steps=4, **g) - fine) ** 2)))
+           for name, g in (("fitted", dict(timesteps=ts)), ("logSNR", dict(skip_type="logSNR")))}
+    assert err["fitted"] < 0.5 * err["logSNR"], err  # measured 3.3 vs 16.5
     png = str(tmp_path / "fitted.png")
     assert "unipc order 2" in out and json.load(open(grid))["method"] == "unipc"
     code, out, _ = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", grid, "--method", "unipc",
