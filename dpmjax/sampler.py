@@ -419,7 +419,7 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
         solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps),
                                 ems=kw.get("ems") if method == "v3" else None)
     out = (opts, t_start, t_end, solver)
-    if key is not None:
+    if key is not None and not _solvers._is_traced(solver):  # built inside the user's jit: not reusable
         _PREPARED[key] = (schedule, out)
         if len(_PREPARED) > _PREPARED_MAX:
             _PREPARED.popitem(last=False)

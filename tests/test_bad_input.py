@@ -137,10 +137,10 @@ CASES = [
     ("fit-refine_iters-negative", lambda: fit(refine_iters=-1), ValueError, r"refine_iters must be in 0\.\."),
     ("fit-refine_iters-float", lambda: fit(refine_iters=2.5), TypeError, r"refine_iters must be an int"),
     # add_noise
-    ("add_noise-t-0", lambda: add_noise(0.0), ValueError, r"t must lie in \(0, schedule.T"),
-    ("add_noise-t-above-T", lambda: add_noise(2.0), ValueError, r"t must lie in \(0, schedule.T"),
+    ("add_noise-t-0", lambda: add_noise(0.0), ValueError, r"t must lie in \(0, T = 1.0\]"),
+    ("add_noise-t-above-T", lambda: add_noise(2.0), ValueError, r"t must lie in \(0, T = 1.0\]"),
     ("add_noise-t-wrong-length", lambda: add_noise(jnp.full((3,), 0.5)), ValueError,
-     r"t must be a scalar or one time per sample, shape \(4,\)"),
+     r"t must be a scalar or one time per sample, shape \(\) or \(4,\)"),
 ]
 
 
