@@ -541,6 +541,24 @@ def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, 
     return _outputs(run, solver.result(state), states, info, sharding)
 
 
+def _not_reverse_differentiable(f):
+    """``f`` with a backward pass that raises a clear error: the adaptive solver's
+    ``lax.while_loop`` has a data-dependent number of steps, which reverse-mode
+    differentiation cannot transpose."""
+    g = jax.custom_vjp(f)
+
+    def fwd(*args):
+        return f(*args), None
+
+    def bwd(_, cotangent):
+        raise ValueError("method='adaptive' cannot be differentiated in reverse mode (jax.grad): its number of "
+                         "steps depends on the data; differentiate a fixed-step method (e.g. method='multistep' "
+                         "with steps= its NFE) instead")
+
+    g.defvjp(fwd, bwd)
+    return g
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key, noise,
                   condition, uncond, scale, t_start, t_end):
@@ -550,28 +568,35 @@ def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding,
     scale = jnp.asarray(scale, dtype)
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
     x_T, _ = _initial(run, schedule, key, noise, t_start, sharding)
-    call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
     model_type = "noise" if run.guidance == "classifier" else run.model_type
 
-    def predict(x, t, data=predict_data):
-        alpha, sigma, sc = schedule.alpha(t), schedule.sigma(t), schedule.state_scale(t)
-        x_in = x / sc
-        out = call(x_in, jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype), x, alpha, sigma, sc)
-        m = (_models.to_data if data else _models.to_noise)(out, x, alpha, sigma, model_type)
-        if data and thresholding:
-            m = _models.dynamic_threshold(m, ratio, max_val, sample_max_value)
-        return m
+    @_not_reverse_differentiable
+    def solve(x_T, schedule, params, condition, uncond, scale, t_start, t_end):
+        call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
 
-    x = x_T * schedule.state_scale(t_start)
-    y, info = _adaptive.adaptive_solve(
-        predict, schedule, x, t_start, t_end, order=order, predict_data=predict_data, solver_type=solver_type,
-        atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe,
-    )
-    if denoise_to_zero:
-        result = predict(y, info["t_final"], data=True)
-        info["nfe"] = info["nfe"] + 1
-    else:
-        result = y / schedule.state_scale(info["t_final"])
+        def predict(x, t, data=predict_data):
+            alpha, sigma, sc = schedule.alpha(t), schedule.sigma(t), schedule.state_scale(t)
+            x_in = x / sc
+            out = call(x_in, jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype), x, alpha, sigma,
+                       sc)
+            m = (_models.to_data if data else _models.to_noise)(out, x, alpha, sigma, model_type)
+            if data and thresholding:
+                m = _models.dynamic_threshold(m, ratio, max_val, sample_max_value)
+            return m
+
+        y, info = _adaptive.adaptive_solve(
+            predict, schedule, x_T * schedule.state_scale(t_start), t_start, t_end, order=order,
+            predict_data=predict_data, solver_type=solver_type, atol=atol, rtol=rtol, h_init=h_init, theta=theta,
+            t_err=t_err, max_nfe=max_nfe,
+        )
+        if denoise_to_zero:
+            result = predict(y, info["t_final"], data=True)
+            info["nfe"] = info["nfe"] + 1
+        else:
+            result = y / schedule.state_scale(info["t_final"])
+        return result, info
+
+    result, info = solve(x_T, schedule, params, condition, uncond, scale, t_start, t_end)
     # Never an unfinished solution as a sample: NaN unless the solve reached t_end.
     result = jnp.where(info["finished"], result, jnp.nan)
     return _outputs(run, result, None, info, sharding)

@@ -664,3 +664,16 @@ def test_invert_timesteps_must_increase():
         dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=jnp.asarray(ts))
     with pytest.raises(ValueError, match="FittedGrid"):
         dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=dpmjax.FittedGrid(ts[::-1], None))
+
+
+def test_grad_through_adaptive_is_a_clear_error():
+    """Reverse mode cannot transpose the adaptive while_loop: a dpmjax ValueError saying
+    so, not JAX's internal while_loop error."""
+
+    def loss(gm):
+        return jnp.sum(dpmjax.sample(gm.model_fn(VP), gm, None, (B, D), schedule=VP, method="adaptive", order=2,
+                                     noise=NOISE))
+
+    assert np.isfinite(float(loss(GM)))  # the forward pass is unaffected
+    with pytest.raises(ValueError, match="method='adaptive' cannot be differentiated"):
+        jax.grad(loss)(GM)
