@@ -357,7 +357,7 @@ def sample(
                                                           t_start, t_end))
         return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
                              noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
-    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
+    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, params, key, noise,
                        condition, unconditional_condition, scale)
 
 
@@ -426,7 +426,7 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
     return out
 
 
-def _model_caller(run: _Run, model_fn, classifier_fn, schedule, params, condition, uncond, scale):
+def _model_caller(run: _Run, model_fn, classifier_fn, params, condition, uncond, scale):
     """``call(x_in, t_in, y, alpha, sigma)``: the network output fed to the solver, with
     classifier-free guidance (one batched call on ``[uncond, cond]``; the conditional call
     alone at scale 1) or classifier guidance (the guided noise prediction)."""
@@ -467,11 +467,11 @@ def _model_caller(run: _Run, model_fn, classifier_fn, schedule, params, conditio
     return call
 
 
-def _user_correcting(correcting_xt_fn, schedule):
-    """``correcting_xt_fn`` in solver scale: it sees and returns user-scale states."""
+def _user_correcting(correcting_xt_fn):
+    """``correcting_xt_fn`` in solver scale: it sees and returns user-scale states
+    (``sc``: the state scale at ``t``, from the solver's tables)."""
 
-    def correct(x, t, step):
-        sc = schedule.state_scale(t)
+    def correct(x, t, step, sc):
         out = correcting_xt_fn(x / sc, t, step)
         if not hasattr(out, "shape") or tuple(out.shape) != tuple(x.shape):
             raise ValueError(f"correcting_xt_fn must return an array of the state's shape {tuple(x.shape)}; got "
@@ -481,14 +481,14 @@ def _user_correcting(correcting_xt_fn, schedule):
     return correct
 
 
-def _initial(run: _Run, schedule, key, noise, t_start, sharding):
+def _initial(run: _Run, prior_std, key, noise, sharding):
     """``(x_T, key of the steps)``: ``x_T`` in user scale."""
     dtype = _solvers.compute_dtype()
     key_steps = None
     if key is not None and run.stochastic:
         key, key_steps = jax.random.split(key)
     if noise is None:
-        x_T = jax.random.normal(key, run.shape, dtype) * schedule.prior_std(t_start)
+        x_T = jax.random.normal(key, run.shape, dtype) * prior_std
     else:
         x_T = jnp.asarray(noise).astype(dtype)
     if sharding is not None:
@@ -507,15 +507,17 @@ def _outputs(run: _Run, result, states, info, sharding):
     return out[0] if len(out) == 1 else out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, schedule, params, key, noise,
-                condition, uncond, scale):
+def _sample_body(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, params, key, noise,
+                 condition, uncond, scale):
+    """The fixed-step program: ``init``, a ``lax.scan`` of the model call and the solver's
+    step over the rows of its table, ``result`` (the schedule enters only through the
+    solver's tables)."""
     plan, layout = solver.plan, solver.layout
     dtype = plan.ax.dtype
     scale = jnp.asarray(scale, dtype)
-    x_T, key_steps = _initial(run, schedule, key, noise, plan.t_eval[0], sharding)
-    call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
-    correct = None if correcting_xt_fn is None else _user_correcting(correcting_xt_fn, schedule)
+    x_T, key_steps = _initial(run, solver.prior_std, key, noise, sharding)
+    call = _model_caller(run, model_fn, classifier_fn, params, condition, uncond, scale)
+    correct = None if correcting_xt_fn is None else _user_correcting(correcting_xt_fn)
     has_y = plan.ay is not None
 
     def body(state, inp):
@@ -526,8 +528,7 @@ def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, 
         state = solver._advance(state, out, row, correct=correct, flags=flags)
         saved = None
         if run.return_intermediate:
-            saved = (state.x / schedule.state_scale(row.t_state),
-                     state.y / schedule.state_scale(row.t_y) if has_y else None)
+            saved = (state.x / row.x_scale, state.y / row.y_scale if has_y else None)
         return state, saved
 
     flags = (jnp.asarray(layout.x_step, jnp.int32), jnp.asarray(layout.y_step, jnp.int32))
@@ -539,6 +540,40 @@ def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, 
         states = jnp.stack([x_T] + [saved[which][r] for _, which, r in picks])
     info = {"nfe": jnp.asarray(solver.num_evals, jnp.int32)}
     return _outputs(run, solver.result(state), states, info, sharding)
+
+
+_RUNNERS: "collections.OrderedDict" = collections.OrderedDict()
+_RUNNERS_MAX = 64
+
+
+def _runner(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, opts, layout):
+    """The compiled fixed-step program of one configuration: a ``jax.jit`` of
+    :func:`_sample_body` with the static parts (the model and user functions, the
+    options, the layout) closed over, so a call passes only arrays (the solver's tables,
+    parameters, noise, conditions, guidance scale) and dispatches without hashing them."""
+    key = (run, model_fn, classifier_fn, correcting_xt_fn, sharding, opts, layout)
+    fn = _RUNNERS.get(key)
+    if fn is None:
+        def _sample_jit(plan, start_scale, end_scale, prior_std, params, rng, noise, condition, uncond, scale):
+            solver = _solvers.Solver(plan=plan, start_scale=start_scale, end_scale=end_scale, prior_std=prior_std,
+                                     options=opts, layout=layout)
+            return _sample_body(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, params, rng, noise,
+                                condition, uncond, scale)
+
+        fn = _RUNNERS[key] = jax.jit(_sample_jit)
+        if len(_RUNNERS) > _RUNNERS_MAX:
+            _RUNNERS.popitem(last=False)
+    else:
+        _RUNNERS.move_to_end(key)
+    return fn
+
+
+def _sample_jit(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, params, key, noise, condition,
+                uncond, scale):
+    """Run the fixed-step program of ``solver`` (compiled once per configuration)."""
+    fn = _runner(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver.options, solver.layout)
+    return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise, condition,
+              uncond, scale)
 
 
 def _not_reverse_differentiable(f):
@@ -567,12 +602,12 @@ def _adaptive_jit(run: _Run, denoise_to_zero, model_fn, classifier_fn, sharding,
     dtype = _solvers.compute_dtype()
     scale = jnp.asarray(scale, dtype)
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
-    x_T, _ = _initial(run, schedule, key, noise, t_start, sharding)
+    x_T, _ = _initial(run, schedule.prior_std(t_start), key, noise, sharding)
     model_type = "noise" if run.guidance == "classifier" else run.model_type
 
     @_not_reverse_differentiable
     def solve(x_T, schedule, params, condition, uncond, scale, t_start, t_end):
-        call = _model_caller(run, model_fn, classifier_fn, schedule, params, condition, uncond, scale)
+        call = _model_caller(run, model_fn, classifier_fn, params, condition, uncond, scale)
 
         def predict(x, t, data=predict_data):
             alpha, sigma, sc = schedule.alpha(t), schedule.sigma(t), schedule.state_scale(t)
@@ -692,7 +727,7 @@ def invert(
     dtype = _solvers.compute_dtype()
     scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
     solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps), host(model_timesteps))
-    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, None, solver, schedule, params, None, x0,
+    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, None, solver, params, None, x0,
                        condition, unconditional_condition, scale)
 
 

@@ -489,7 +489,7 @@ def check_key(name, key, required=True):
                     f"of dtype {dtype} and shape {tuple(key.shape)}")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan", "start_scale", "end_scale"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["plan", "start_scale", "end_scale", "prior_std"],
                    meta_fields=["options", "layout"])
 @dataclasses.dataclass(frozen=True)
 class Solver:
@@ -506,11 +506,15 @@ class Solver:
       at those inputs, in the solver's ``model_type``; it is converted (and thresholded),
       stored and the state advanced by one row of the table;
     * :meth:`result` ``(state) -> x``: the sample, after :attr:`num_evals` steps.
+
+    ``prior_std`` is the standard deviation of the user-scale ``x_T`` (1, or ``sigma_max``
+    for :class:`dpmjax.EDM`): ``x_T = solver.prior_std * jax.random.normal(key, shape)``.
     """
 
     plan: _up.Plan
     start_scale: jax.Array
     end_scale: jax.Array
+    prior_std: jax.Array
     options: Options
     layout: _up.Layout
 
@@ -667,8 +671,9 @@ class Solver:
     def _advance(self, state, out, row, noise=None, correct=None, flags=None):
         """One row: convert and store the model output, update ``x`` (and ``y``).
 
-        ``correct(x, t, step)`` with ``flags = (x_step, y_step)`` (traced ints of the row)
-        applies ``correcting_xt_fn`` to a state that completes a step (sample's driver)."""
+        ``correct(x, t, step, scale)`` with ``flags = (x_step, y_step)`` (traced ints of the
+        row) applies ``correcting_xt_fn`` to a state that completes a step (sample's driver;
+        ``scale`` is the state scale at ``t``)."""
         y = state.x if state.y is None else state.y
         m = self._convert(out, y, row)
         if row.g_p is not None:  # DPM-Solver-v3 stores G = p m + q y + r (per dimension)
@@ -689,14 +694,15 @@ class Solver:
             x = x + row.nz * jnp.asarray(noise).astype(x.dtype)
         if correct is not None:
             # lax.cond, not where: the user's hook runs only on rows that complete a step
-            x = jax.lax.cond(flags[0] > 0, lambda v: correct(v, row.t_state, flags[0]), lambda v: v, x)
+            x = jax.lax.cond(flags[0] > 0, lambda v: correct(v, row.t_state, flags[0], row.x_scale), lambda v: v, x)
         y_new = None
         if row.ay is not None:
             y_new = row.ay * x + _combine(row.cy, hist)
             if row.ry is not None:
                 y_new = y_new + row.ry
             if correct is not None and any(self.layout.y_step):
-                y_new = jax.lax.cond(flags[1] > 0, lambda v: correct(v, row.t_y, flags[1]), lambda v: v, y_new)
+                y_new = jax.lax.cond(flags[1] > 0, lambda v: correct(v, row.t_y, flags[1], row.y_scale), lambda v: v,
+                                     y_new)
         return SolverState(x=x, y=y_new, hist=hist, i=state.i + 1, key=state.key)
 
 
@@ -788,13 +794,14 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps, 
         t_model=jnp.asarray(schedule.model_time(t_model), dtype),
         alpha=schedule.alpha(t_eval).astype(dtype), sigma=schedule.sigma(t_eval).astype(dtype),
         in_scale=scale(t_eval).reshape((n,)), x_scale=scale(plan.t_state).reshape((n,)),
+        y_scale=None if plan.t_y is None else scale(plan.t_y).reshape((n,)),
     )
     end_scale = jnp.ones((), dtype) if opts.denoise_to_zero else scale(t_end)
     # One dtype throughout (a schedule built before jax_enable_x64 was switched on keeps
     # float32 tables).
     plan = jax.tree_util.tree_map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, plan)
-    return Solver(plan=plan, start_scale=scale(t_start).astype(dtype), end_scale=end_scale.astype(dtype), options=opts,
-                  layout=layout)
+    return Solver(plan=plan, start_scale=scale(t_start).astype(dtype), end_scale=end_scale.astype(dtype),
+                  prior_std=jnp.asarray(schedule.prior_std(t_start), dtype), options=opts, layout=layout)
 
 
 build = jax.jit(_build, static_argnums=(0,))

@@ -78,6 +78,7 @@ class Plan(NamedTuple):
     sigma: Optional[jnp.ndarray] = None  # (n,) sigma at t_eval
     in_scale: Optional[jnp.ndarray] = None  # (n,) network input = y / in_scale (EDM: alpha)
     x_scale: Optional[jnp.ndarray] = None  # (n,) state scale at t_state (user x = x / x_scale)
+    y_scale: Optional[jnp.ndarray] = None  # (n,) state scale at t_y
     # DPM-Solver-v3 (dpmjax.v3): per-dimension rows. The ring buffer stores the affine map
     # G = g_p m + g_q y + g_r of the model output instead of m; the updates gain additive
     # constants, x <- ... + rx and y <- ... + ry; and ax, bx, ay are then (n, *shape), cx, cy
