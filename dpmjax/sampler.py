@@ -51,6 +51,8 @@ class _Run:
 
 
 def _check_shape(shape):
+    if type(shape) is tuple and shape and all(type(d) is int and d > 0 for d in shape):
+        return shape  # the common case, checked fast (sample() is called in loops)
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)):
         raise TypeError(f"shape must be a tuple of ints (B, ...); got {type(shape).__name__} {shape!r}")
     for d in shape:
@@ -83,6 +85,8 @@ def _check_guidance(shape, condition, unconditional_condition, guidance_scale, c
                                  f"concatenated with unconditional_condition); got shape {cs}")
             if cs != us:
                 raise ValueError(f"condition and unconditional_condition leaves must have the same shape; got {cs} and {us}")
+    if guidance == "none" and type(guidance_scale) in (float, int) and guidance_scale == 1:
+        return guidance  # the default, checked fast
     if isinstance(guidance_scale, jax.core.Tracer):
         if guidance == "none":
             raise ValueError("guidance_scale is traced but no guidance is configured: give unconditional_condition "
@@ -329,7 +333,7 @@ def sample(
         lower_order_final=lower_order_final, variant=variant, disable_corrector=disable_corrector, orders=orders,
         sample_max_value=sample_max_value, ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo,
         c_pseudo=c_pseudo), t_start, t_end, timesteps, model_timesteps, shape)
-    opts, t_start, t_end, solver = prepared
+    opts, t_start, t_end, solver, runners = prepared
     if noise is None:
         check_key("key", key)
     else:
@@ -357,8 +361,14 @@ def sample(
                                                           t_start, t_end))
         return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
                              noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
-    return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver, params, key, noise,
-                       condition, unconditional_condition, scale)
+    rkey = (shape, model_type, guidance, return_intermediate, return_info, model_fn, classifier_fn, correcting_xt_fn,
+            sharding)
+    fn = runners.get(rkey)
+    if fn is None:
+        fn = runners[rkey] = _runner(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver.options,
+                                     solver.layout)
+    return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise, condition,
+              unconditional_condition, scale)
 
 
 class _Uncacheable(Exception):
@@ -385,13 +395,20 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
     """``(opts, t_start, t_end, solver)``: the checked options and, for fixed-step methods,
     the solver's tables, computed once per concrete configuration and reused (a repeated
     call with the same options, schedule and times skips straight to the compiled scan)."""
+    # The key holds each value with its type (1 == 1.0 == True must not share a checked
+    # entry). Plain values hash as they are; NumPy arrays are frozen to bytes; JAX arrays
+    # and tracers make the call uncacheable.
+    vals = (*kw.values(), t_start, t_end, timesteps, model_timesteps)
+    head = (method, guidance, id(schedule), jax.config.jax_enable_x64, tuple(map(type, vals)))
     try:
-        key = (method, guidance, id(schedule), jax.config.jax_enable_x64,
-               tuple((k, _freeze(v)) for k, v in kw.items()), _freeze(t_start), _freeze(t_end),
-               _freeze(timesteps), _freeze(model_timesteps))
+        key = head + vals
         hash(key)
-    except (_Uncacheable, TypeError):
-        key = None
+    except TypeError:
+        try:
+            key = head + tuple(_freeze(v) for v in vals)
+            hash(key)
+        except (_Uncacheable, TypeError):
+            key = None
     if key is not None:
         hit = _PREPARED.get(key)
         if hit is not None and hit[0] is schedule:
@@ -418,7 +435,7 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
         host = _solvers._host
         solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps),
                                 ems=kw.get("ems") if method == "v3" else None)
-    out = (opts, t_start, t_end, solver)
+    out = (opts, t_start, t_end, solver, {})  # {}: the compiled programs of this configuration (_sample_jit)
     if key is not None and not _solvers._is_traced(solver):  # built inside the user's jit: not reusable
         _PREPARED[key] = (schedule, out)
         if len(_PREPARED) > _PREPARED_MAX:

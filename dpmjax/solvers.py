@@ -110,7 +110,7 @@ def _eval_concrete(fn):
 
 def compute_dtype():
     """The solver's float dtype: float32, or float64 under ``jax_enable_x64``."""
-    return jnp.result_type(float)
+    return np.dtype(np.float64) if jax.config.jax_enable_x64 else np.dtype(np.float32)
 
 
 def _distinct_in(values, dtype):
