@@ -353,7 +353,7 @@ def sample(
     run = _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=opts.stochastic,
                return_intermediate=return_intermediate, return_info=return_info)
     dtype = _solvers.compute_dtype()
-    scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
+    scale = host(guidance_scale) if guidance != "none" else _unit_scale(dtype)
     if method == "adaptive":
         run = dataclasses.replace(run, adaptive=(
             order, opts.predict_data, solver_type, opts.thresholding, opts.dynamic_thresholding_ratio,
@@ -369,6 +369,13 @@ def sample(
                                      solver.layout)
     return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise, condition,
               unconditional_condition, scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_scale(dtype):
+    """The guidance scale 1 of unguided calls, made once per dtype (device-resident: a
+    host scalar would be copied to the device on every call)."""
+    return jnp.asarray(1.0, dtype)
 
 
 class _Uncacheable(Exception):
