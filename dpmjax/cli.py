@@ -156,8 +156,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--step", type=_nonnegative_int, default=None, help="checkpoint step (default: latest)")
     sample.add_argument("--algorithm", choices=dpmjax.ALGORITHMS, default=None,
                         help="(default: the --timesteps grid's, else dpmsolver++)")
-    sample.add_argument("--method", choices=tuple(m for m in dpmjax.METHODS if m != "v3"), default=None,
-                        help="(default: the --timesteps grid's, else multistep)")
+    sample.add_argument("--method", choices=dpmjax.METHODS, default=None,
+                        help="(default: the --timesteps grid's, else multistep; v3 needs --ems)")
+    sample.add_argument("--ems", default=None,
+                        help="DPM-Solver-v3's statistics, a directory written by `dpmjax compute-ems` "
+                             "(with --method v3; default: none)")
     sample.add_argument("--order", type=int, choices=(1, 2, 3), default=None,
                         help="(default: the --timesteps grid's, else 2)")
     sample.add_argument("--steps", type=_positive_int, default=10, help="model evaluations (NFE)")
@@ -199,6 +202,17 @@ def _build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", default=None, help="grid file to write, .json or .npy (default: timesteps.json, "
                      "which is not replaced if it exists; a file named with --out is)")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    ems = sub.add_parser("compute-ems", help="compute DPM-Solver-v3's empirical model statistics of a trained 2-D "
+                         "model (dpmjax.compute_ems), for `dpmjax sample --method v3 --ems DIR`")
+    ems.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train` (required)")
+    ems.add_argument("--lambdas", type=_positive_int, default=401,
+                     help="points of the uniform logSNR grid the statistics are computed on")
+    ems.add_argument("--samples", type=_positive_int, default=1024, help="training-data samples they average over")
+    ems.add_argument("--seed", type=_seed, default=0, help="seed of the data samples and the noise")
+    ems.add_argument("--out", default=None, help="directory to write l.npz, sb.npz and lambdas.npy into (default: "
+                     "ems, which is not overwritten if it holds statistics; a directory named with --out is)")
+    ems.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -342,6 +356,10 @@ def _run_sampler(args, fn, label):
         raise RuntimeError(f"the adaptive solver stopped after {nfe} model evaluations (--max-nfe {args.max_nfe}) "
                            f"before reaching the end time (at t = {float(info['t_final']):.4g}); raise --max-nfe "
                            "or loosen --rtol/--atol")
+    if not bool(info["finished"]):
+        raise RuntimeError(f"the adaptive solver stopped after {nfe} model evaluations at t = "
+                           f"{float(info['t_final']):.4g}: its error estimate was not finite (does the model return "
+                           "NaN?)")
     return x, label.replace("{nfe}", str(nfe))
 
 
@@ -364,6 +382,13 @@ def _cmd_sample(args) -> int:
     params = state.params if args.no_ema else state.ema_params
     key = jax.random.key(args.seed)
     kwargs = dict(schedule=trainer.schedule, steps=args.steps, skip_type=args.skip_type, **solver)
+    if (solver["method"] == "v3") != (args.ems is not None):
+        raise ValueError("--method v3 and --ems go together: v3 samples with the statistics that "
+                         "`dpmjax compute-ems` writes")
+    if args.ems is not None:
+        if grid is not None:
+            raise ValueError("--method v3 takes its time steps from the --ems grid; drop --timesteps")
+        kwargs["ems"] = dpmjax.load_ems(args.ems)
     name = f"{solver['algorithm']} {solver['method']} order {solver['order']}"
     nfe = "{nfe}" if solver["method"] == "adaptive" else str(args.steps)
     where = f"rtol {args.rtol:g}, atol {args.atol:g}" if solver["method"] == "adaptive" else args.skip_type
@@ -612,6 +637,42 @@ def _cmd_fit_steps(args) -> int:
     return 0
 
 
+# -- compute-ems ---------------------------------------------------------------------------
+
+
+def _cmd_compute_ems(args) -> int:
+    import jax
+
+    import dpmjax
+    from .train.trainer import load_trained
+
+    out = args.out or "ems"
+    run = os.path.abspath(args.checkpoint)
+    if os.path.abspath(out) == run or os.path.abspath(out).startswith(run + os.sep):
+        raise ValueError(f"--out {out} is inside the run directory {args.checkpoint}; write the statistics elsewhere")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if args.out is None and any(os.path.exists(os.path.join(out, f)) for f in ("l.npz", "sb.npz")):
+        raise ValueError(f"{out}/ already holds statistics; name a directory with --out to replace them")
+    trainer, state = load_trained(args.checkpoint)
+    trainer.close()
+    ds = trainer.dataset
+    if ds.num_classes:
+        raise ValueError(f"compute-ems supports the unlabelled 2-D data sets; {ds.name} is class-conditional")
+    key_data, key_ems = jax.random.split(jax.random.key(args.seed))
+    data, _ = ds.sample(key_data, args.samples)
+    t0 = time.perf_counter()
+    ems = dpmjax.compute_ems(trainer.model_fn, state.ema_params, key_ems, ds.shape, schedule=trainer.schedule,
+                             data=data, n_lambdas=args.lambdas, progress=not args.no_progress)
+    ems = jax.block_until_ready(ems)
+    seconds = time.perf_counter() - t0
+    dpmjax.save_ems(out, ems)
+    print(f"wrote {out}/ (l.npz, sb.npz, lambdas.npy): statistics on {args.lambdas} logSNR points from "
+          f"{args.samples} {ds.name} samples in {seconds:.1f}s; sample with `{PROG} sample --checkpoint "
+          f"{args.checkpoint} --method v3 --ems {out}`")
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------
 
 
@@ -667,7 +728,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_event_loop_noise()
     try:
         args = _build_parser().parse_args(argv)
-        commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps}
+        commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps,
+                    "compute-ems": _cmd_compute_ems}
         return commands[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)

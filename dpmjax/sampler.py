@@ -326,6 +326,19 @@ def sample(
             if v != _ADAPTIVE_DEFAULTS[name]:
                 raise ValueError(f"{name}={v!r} does not apply to method={method!r} (it is an option of "
                                  "method='adaptive'); remove it")
+    # The arguments of this call (before the solver's tables are built or anything compiles).
+    stochastic = isinstance(algorithm, str) and algorithm.startswith("sde-")
+    if noise is None:
+        check_key("key", key)
+    else:
+        if tuple(jnp.shape(noise)) != shape:
+            raise ValueError(f"noise must have shape {shape} (the shape argument); got {tuple(jnp.shape(noise))}")
+        if key is not None:
+            check_key("key", key)
+    if stochastic and key is None:
+        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
+    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
+        raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
     prepared = _prepare(schedule, guidance, method, dict(
         model_type=model_type, algorithm=algorithm, order=order, steps=steps, skip_type=skip_type,
         denoise_to_zero=denoise_to_zero, solver_type=solver_type, thresholding=thresholding,
@@ -334,19 +347,6 @@ def sample(
         sample_max_value=sample_max_value, ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo,
         c_pseudo=c_pseudo), t_start, t_end, timesteps, model_timesteps, shape)
     opts, t_start, t_end, solver, runners = prepared
-    if noise is None:
-        check_key("key", key)
-    else:
-        if tuple(jnp.shape(noise)) != shape:
-            raise ValueError(f"noise must have shape {shape} (the shape argument); got {tuple(jnp.shape(noise))}")
-        if opts.stochastic:
-            check_key("key", key)
-        elif key is not None:
-            check_key("key", key)
-    if opts.stochastic and key is None:
-        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
-    if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
-        raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
     if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None), jax.sharding.NamedSharding):
         sharding = noise.sharding
     host = _solvers._host

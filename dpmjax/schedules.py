@@ -64,14 +64,16 @@ def _asarray(t):
 # NaN or infinity at some time of the default interval never reaches the sampler.
 
 
-def _real(owner: str, name: str, value) -> float:
+def _real(owner: str | None, name: str, value) -> float:
     """``value`` as a finite Python float; TypeError for anything that is not a real number
-    (str, None, bool, arrays), ValueError for NaN and infinity."""
+    (str, None, bool, arrays), ValueError for NaN and infinity. Messages name ``name``
+    (after ``owner: `` when given)."""
+    what = f"{owner}: {name}" if owner else name
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{owner}: {name} must be a real number (a Python float); got {type(value).__name__} {value!r}")
+        raise TypeError(f"{what} must be a real number (a Python float); got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite; got {value}")
+        raise ValueError(f"{what} must be finite; got {value}")
     return value
 
 

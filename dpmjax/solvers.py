@@ -78,12 +78,7 @@ def _integer(name, value, lo, hi=None):
 
 
 def _real(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a Python float; got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be finite; got {value}")
-    return value
+    return _schedules._real(None, name, value)
 
 
 def _boolean(name, value):

@@ -3,10 +3,42 @@
 ``x64``: run a test in float64 (``jax.enable_x64`` as a context manager, so the flag
 never leaks into other tests). Build schedules and mixtures *inside* the test: a
 ``VPDiscrete`` built under float32 keeps float32 tables.
+
+``compiled_during(fn)``: the programs JAX compiles while ``fn()`` runs, for the tests
+that nothing compiles before an error, or again for new values.
 """
+
+import logging
 
 import jax
 import pytest
+
+
+class _Compiles(logging.Handler):
+    """Collects JAX's "Compiling <name> ..." log records (``jax.log_compiles``)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages = []
+
+    def emit(self, record):
+        if "Compiling" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+def compiled_during(fn):
+    """The "Compiling ..." messages JAX logs while ``fn()`` runs (its result is blocked on)."""
+    handler, logger = _Compiles(), logging.getLogger("jax")
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with jax.log_compiles(True):
+            jax.block_until_ready(fn())
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    return handler.messages
 
 
 @pytest.fixture

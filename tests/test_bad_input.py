@@ -7,7 +7,7 @@ were validated in the compute dtype (a second-order check of this file: run it a
 that code and every row fails).
 
 * ``CASES``: found while the arguments are checked, before anything is compiled (the
-  ``_Compiles`` log handler of ``tests/test_validation.py`` counts "Compiling" records);
+  ``compiled_during`` of ``tests/conftest.py`` collects "Compiling" records);
 * ``TRACE_CASES``: found when the user's function is traced (its output is only known
   then): the solver's coefficient tables may compile, the sampling program never does;
 * behaviours that must keep working: times given as JAX scalars or traced inside the
@@ -16,7 +16,6 @@ that code and every row fails).
 
 from __future__ import annotations
 
-import logging
 
 import chex
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 import dpmjax
+from conftest import compiled_during
 
 B, D = 4, 3
 SHAPE = (B, D)
@@ -175,32 +175,9 @@ def test_bad_user_function_output_is_named(thunk, exc, match):
         thunk()
 
 
-class _Compiles(logging.Handler):
-    """Counts JAX's "Compiling <name>" log records (``jax.log_compiles``)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.names = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "Compiling" in msg:
-            self.names.append(msg)
-
-
-def _with_compile_log(fn):
-    handler = _Compiles()
-    logger = logging.getLogger("jax")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            fn()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old)
-    return handler.names
+#: the compiled programs of dpmjax (solver tables, fixed-step and adaptive samplers, fitting)
+LIBRARY_PROGRAMS = ("jit(_build)", "jit(_sample_jit)", "jit(_adaptive_jit)", "jit(_refine)", "jit(_start_losses)",
+                    "jit(_model_outputs)", "jit(time_grid)")
 
 
 def test_errors_raise_before_anything_compiles():
@@ -209,17 +186,19 @@ def test_errors_raise_before_anything_compiles():
             with pytest.raises(exc):
                 thunk()
 
-    assert _with_compile_log(run_all) == []
+    # nothing of the library's compiles (eager JAX operations of the checks and of the
+    # thunks themselves, e.g. jax.random.key, may compile their one-op kernels)
+    assert not [m for m in compiled_during(run_all) if any(name in m for name in LIBRARY_PROGRAMS)]
 
     def run_trace_cases():
         for _, thunk, exc, _match in TRACE_CASES:
             with pytest.raises(exc):
                 thunk()
 
-    compiled = _with_compile_log(run_trace_cases)
+    compiled = compiled_during(run_trace_cases)
     assert not [m for m in compiled if "_sample_jit" in m], compiled
     # positive control: a valid call with a new model function compiles the sampler
-    compiled = _with_compile_log(lambda: call(lambda p, x, t: jnp.zeros_like(x), steps=2).block_until_ready())
+    compiled = compiled_during(lambda: call(lambda p, x, t: jnp.zeros_like(x), steps=2).block_until_ready())
     assert any("_sample_jit" in m for m in compiled), compiled
 
 

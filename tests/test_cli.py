@@ -461,3 +461,28 @@ def test_loading_a_run_from_python_is_quiet(moons_run, caplog):
         trainer.close()
     assert int(state.step) == 30
     assert not [r for r in caplog.records if "read only" in r.getMessage()], caplog.text
+
+def test_compute_ems_then_sample_with_v3(capsys, moons_run, tmp_path):
+    """compute-ems writes finite statistics in the authors' layout (l.npz, sb.npz, plus the
+    grid); sample --method v3 --ems samples with them; v3 and --ems need each other."""
+    ems_dir = str(tmp_path / "ems")
+    code, out, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--lambdas", "41", "--samples", "64",
+                         "--no-progress", "--out", ems_dir)
+    assert code == 0, err
+    assert sorted(os.listdir(ems_dir)) == ["l.npz", "lambdas.npy", "sb.npz"]
+    ems = dpmjax.load_ems(ems_dir)
+    assert ems.l.shape == ems.s.shape == ems.b.shape == (41, 2)
+    assert np.all(np.isfinite(ems.l)) and np.all(np.isfinite(ems.s)) and np.all(np.isfinite(ems.b))
+    png = str(tmp_path / "v3.png")
+    code, out, err = run(capsys, "sample", "--checkpoint", moons_run, "--method", "v3", "--ems", ems_dir, "--steps",
+                         "6", "--num", "64", "--out", png)
+    assert code == 0, err
+    assert os.path.getsize(png) > 0 and "v3" in out
+    # v3 needs its statistics, and only v3 takes them
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--method", "v3", "--out", png)
+    assert code == 2 and "--ems" in error_line(err)
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--ems", ems_dir, "--out", png)
+    assert code == 2 and "--ems" in error_line(err)
+    # the default directory is not overwritten; a directory inside the run is refused
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", os.path.join(moons_run, "ems"))
+    assert code == 2 and "inside the run directory" in error_line(err)

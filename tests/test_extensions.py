@@ -20,7 +20,6 @@ recompile) and configurations are shared between tests where possible.
 
 from __future__ import annotations
 
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,7 @@ import numpy as np
 import pytest
 
 import dpmjax
+from conftest import compiled_during
 
 VP = dpmjax.VPLinear()
 MU = np.array([1.0, -0.5])
@@ -541,33 +541,6 @@ def test_karras_is_edm_for_edm_schedule():
     np.testing.assert_allclose(e, ref, rtol=1e-5)
 
 
-class _Compiles(logging.Handler):
-    """Collects JAX's "Compiling ..." log records (``jax.log_compiles``)."""
-
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        if "Compiling" in record.getMessage():
-            self.messages.append(record.getMessage())
-
-
-def _compiled_during(fn):
-    """The compile messages logged while ``fn()`` runs (its result is blocked on)."""
-    handler, logger = _Compiles(), logging.getLogger("jax")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            jax.block_until_ready(fn())
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old)
-    return handler.messages
-
-
 def test_custom_timesteps_reproduce_builtin_and_do_not_recompile():
     kw = dict(order=2, steps=10, return_info=True)
     builtin, _ = run(skip_type="logSNR", **kw)  # also the invert test's configuration
@@ -576,10 +549,10 @@ def test_custom_timesteps_reproduce_builtin_and_do_not_recompile():
     assert int(info["nfe"]) == 10
     np.testing.assert_allclose(np.asarray(custom), np.asarray(builtin), rtol=1e-6, atol=1e-6)
     ts2 = dpmjax.time_grid(VP, "time_quadratic", VP.T, VP.t_eps, 10)
-    compiled = _compiled_during(lambda: run(timesteps=ts2, **kw))
+    compiled = compiled_during(lambda: run(timesteps=ts2, **kw))
     assert compiled == [], f"new timesteps values recompiled: {compiled}"
     # positive control: a new static configuration is seen compiling
-    assert _compiled_during(lambda: run(timesteps=ts2, order=3, steps=10))
+    assert compiled_during(lambda: run(timesteps=ts2, order=3, steps=10))
     other, _ = run(timesteps=ts2, **kw)
     other = np.asarray(other)
     assert rms(other - np.asarray(custom)) > 1e-3  # the new grid is really used
@@ -634,7 +607,7 @@ def test_model_timesteps_change_the_network_input_only(method):
 def test_new_model_timesteps_do_not_recompile():
     kw = dict(order=2, steps=10, timesteps=jnp.asarray(_TS10))
     first = run(model_timesteps=jnp.asarray(_MTS10), **kw)
-    compiled = _compiled_during(lambda: run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw))
+    compiled = compiled_during(lambda: run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw))
     assert compiled == [], f"new model_timesteps values recompiled: {compiled}"
     # the new values were used (not a stale cached result)
     assert rms(np.asarray(run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw)) - np.asarray(first)) > 1e-3

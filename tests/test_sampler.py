@@ -16,7 +16,6 @@ algorithm x method x order x solver_type x skip_type cross (~120 compilations).
 
 from __future__ import annotations
 
-import logging
 import os
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import pytest
 
 import dpmjax
+from conftest import compiled_during
 import reference_impl as R
 
 # A 4-d Gaussian with distinct scales per dimension: each dimension is an independent
@@ -667,33 +667,6 @@ def kw_no_schedule(kw):
     return {k: v for k, v in kw.items() if k != "schedule"}
 
 
-class _CompileCounter(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages = []
-
-    def emit(self, record):
-        msg = record.getMessage()
-        if "Compiling" in msg:
-            self.messages.append(msg)
-
-
-def _count_compiles(fn):
-    handler = _CompileCounter()
-    logger = logging.getLogger("jax")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            out = fn()
-            jax.block_until_ready(out)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-    return handler.messages
-
-
 def test_no_recompilation_for_new_values():
     """A second call with new key / noise / params / guidance scale / condition values compiles nothing."""
     sched, model, c, u = cond_setup()  # float32 (default) here
@@ -704,7 +677,7 @@ def test_no_recompilation_for_new_values():
     k1, k2 = jax.random.key(0), jax.random.key(1)
     jax.block_until_ready(dpmjax.sample(model, p1, None, (B, D), noise=jnp.asarray(X_T, jnp.float32), guidance_scale=s1, **kw))
     jax.block_until_ready(dpmjax.sample(model, p1, k1, (B, D), guidance_scale=s1, **kw))
-    msgs = _count_compiles(lambda: [
+    msgs = compiled_during(lambda: [
         dpmjax.sample(model, p2, None, (B, D), noise=noise2, guidance_scale=s2, **kw),
         dpmjax.sample(model, p2, None, (B, D), noise=noise2, guidance_scale=s1,
                       **{**kw, "condition": c2, "unconditional_condition": u2}),
@@ -712,7 +685,7 @@ def test_no_recompilation_for_new_values():
     ])
     assert msgs == [], msgs
     # and the counter does see compilations
-    assert _count_compiles(lambda: dpmjax.sample(model, p1, k2, (B, D), guidance_scale=s2, **{**kw, "steps": 4}))
+    assert compiled_during(lambda: dpmjax.sample(model, p1, k2, (B, D), guidance_scale=s2, **{**kw, "steps": 4}))
 
 
 def test_vmap_over_keys_and_guidance_scale():

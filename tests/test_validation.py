@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dpmjax
+from conftest import compiled_during
 
 SHAPE = (2, 3)
 NOISE = np.zeros(SHAPE, np.float32)
@@ -70,34 +69,20 @@ def test_model_output_shape_mismatch_is_named():
         call(model_fn=wrong, steps=3)
 
 
-class _Compiles(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.n = 0
-
-    def emit(self, record):
-        self.n += "Compiling" in record.getMessage()
-
-
 def test_errors_raise_before_anything_compiles():
-    handler = _Compiles()
-    logger = logging.getLogger("jax")
-    old = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        with jax.log_compiles(True):
-            for kw, exc, name in CASES:
-                with pytest.raises(exc):
-                    call(**kw)
-            assert handler.n == 0
-            # a model whose output has the wrong shape is found when it is traced, after
-            # the solver's tables (a valid configuration) compiled; nothing else compiles
-            with pytest.raises(ValueError, match="model_fn output shape"):
-                call(model_fn=lambda p, x, t: x[:, :1], steps=2)
-            # positive control: a valid call with a fresh model compiles
-            call(model_fn=lambda p, x, t: jnp.zeros_like(x), steps=2).block_until_ready()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old)
-    assert handler.n > 0
+    def bad_arguments():
+        for kw, exc, name in CASES:
+            with pytest.raises(exc):
+                call(**kw)
+
+    assert compiled_during(bad_arguments) == []
+
+    def bad_model():
+        # a model whose output has the wrong shape is found when it is traced, after the
+        # solver's tables (a valid configuration) compiled; the sampler never compiles
+        with pytest.raises(ValueError, match="model_fn output shape"):
+            call(model_fn=lambda p, x, t: x[:, :1], steps=2)
+
+    assert not [m for m in compiled_during(bad_model) if "_sample_jit" in m]
+    # positive control: a valid call with a fresh model compiles
+    assert compiled_during(lambda: call(model_fn=lambda p, x, t: jnp.zeros_like(x), steps=2))
