@@ -51,7 +51,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 

@@ -224,8 +224,6 @@ def _ems_rows(model_fn, model_type, which, n_samples, batch_size, params, schedu
         k_row = jax.random.fold_in(key, row)
         perm = jax.random.permutation(jax.random.fold_in(k_row, 0), K)[:n_samples]
         perm = jnp.concatenate([perm, jnp.zeros((n_batches * batch_size - n_samples,), perm.dtype)])
-        t = schedule.inverse_lambda(lam)
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
 
         def batch(acc, b):
             idx = jax.lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)

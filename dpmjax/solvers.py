@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -14,6 +14,19 @@ import jax
 import pytest
 
 
+#: dpmjax's own compiled programs (solver tables, fixed-step and adaptive samplers, fitting).
+#: Eager JAX operations (a schedule's finiteness check, ``jax.random.key``) compile one-op
+#: kernels the first time they run in a process; the "before anything compiles" tests
+#: look for these programs.
+LIBRARY_PROGRAMS = ("jit(_build)", "jit(_sample_jit)", "jit(_adaptive_jit)", "jit(_refine)", "jit(_start_losses)",
+                    "jit(_model_outputs)", "jit(time_grid)")
+
+
+def library_programs(messages):
+    """The compile messages of ``messages`` that are dpmjax's own programs."""
+    return [m for m in messages if any(name in m for name in LIBRARY_PROGRAMS)]
+
+
 class _Compiles(logging.Handler):
     """Collects JAX's "Compiling <name> ..." log records (``jax.log_compiles``)."""
 

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import dpmjax
 from dpmjax.train import (CheckpointError, DATASETS, SCHEDULES, TrainConfig, Trainer, diffusion_loss,
                           get_dataset, make_schedule, read_losses, sliced_wasserstein)
 from dpmjax.train.trainer import load_trained
