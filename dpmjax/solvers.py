@@ -108,17 +108,18 @@ def compute_dtype():
     return np.dtype(np.float64) if jax.config.jax_enable_x64 else np.dtype(np.float32)
 
 
-def _distinct_in(values, dtype):
-    """``values`` as ``dtype`` (the dtype the solver computes in)."""
+def _as_compute_dtype(values, dtype):
+    """``values`` rounded to ``dtype``, the dtype the solver computes in (times distinct in
+    float64 may coincide there)."""
     return np.asarray(values, np.float64).astype(dtype)
 
 
 def check_times(name, values, schedule, length, order=None, allow_zero_end=False):
     """Validate user times ``name``: shape ``(n,)`` with ``length = (n, "steps + 1")``, and,
     for concrete values, finite, strictly ``order`` ("decreasing"/"increasing"/None) *in the
-    compute dtype*, inside ``[t_min, T]`` of the schedule (``t_min = schedule.t_eps`` for a
-    discrete schedule, whose table starts there, else ``> 0``). ``allow_zero_end``: the last
-    entry may be exactly 0 (a final step to sigma = 0)."""
+    compute dtype*, inside ``[schedule.t_min, T]`` and > 0 (a discrete schedule's table
+    starts at ``t_min = 1/N``), with the schedule's lambda finite and strictly monotone along
+    them. ``allow_zero_end``: the last entry may be exactly 0 (a final step to sigma = 0)."""
     n, n_text = length
     shape = tuple(jnp.shape(values))
     if shape != (n,):
@@ -129,7 +130,7 @@ def check_times(name, values, schedule, length, order=None, allow_zero_end=False
     if not np.all(np.isfinite(ts)):
         raise ValueError(f"{name} must be finite; got {ts}")
     dtype = compute_dtype()
-    tc = _distinct_in(ts, dtype)
+    tc = _as_compute_dtype(ts, dtype)
     d = np.diff(tc)
     if (order == "increasing" and np.any(d <= 0)) or (order == "decreasing" and np.any(d >= 0)):
         raise ValueError(f"{name} must be strictly {order} in {np.dtype(dtype).name} (the dtype the solver computes "
@@ -178,7 +179,7 @@ def resolve_times(schedule, t_start, t_end, names=("t_start", "t_end")):
         raise ValueError(f"{n1} must be in [{lo:g}, {n0} = {a}) (never 0: lambda is infinite there"
                          + ("; a discrete schedule starts at t_eps = 1/N" if lo > 1e-300 else "") + f"); got {b}")
     dtype = compute_dtype()
-    ac, bc = _distinct_in([a, b], dtype)
+    ac, bc = _as_compute_dtype([a, b], dtype)
     if not ac > bc:
         raise ValueError(f"{n0} = {a} and {n1} = {b} are equal in {np.dtype(dtype).name}, the dtype the solver "
                          "computes in")
