@@ -367,6 +367,8 @@ def sample(
     if fn is None:
         fn = runners[rkey] = _runner(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver.options,
                                      solver.layout)
+        if len(runners) > 8:  # e.g. a new model closure on every call: keep the newest few
+            runners.pop(next(iter(runners)))
     return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise, condition,
               unconditional_condition, scale)
 
