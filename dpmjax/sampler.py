@@ -300,14 +300,7 @@ def sample(
     return_intermediate = _solvers._boolean("return_intermediate", return_intermediate)
     return_info = _solvers._boolean("return_info", return_info)
     guidance = _check_guidance(shape, condition, unconditional_condition, guidance_scale, classifier_fn)
-    if isinstance(timesteps, _ts.FittedGrid):
-        if timesteps.model_timesteps is not None and model_timesteps is not None:
-            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
-        timesteps, model_timesteps = timesteps.timesteps, (
-            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
-    if timesteps is not None and (t_start is not None or t_end is not None):
-        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end, "
-                         "not both")
+    timesteps, model_timesteps = _solvers.split_grid(timesteps, model_timesteps, t_start, t_end)
     adaptive_given = dict(atol=atol, rtol=rtol, h_init=h_init, theta=theta, t_err=t_err, max_nfe=max_nfe)
     if method == "adaptive":
         _solvers.reject_inapplicable(method, dict(lower_order_final=lower_order_final, variant=variant,
@@ -350,22 +343,24 @@ def sample(
     if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None), jax.sharding.NamedSharding):
         sharding = noise.sharding
     host = _solvers._host
-    run = _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=opts.stochastic,
-               return_intermediate=return_intermediate, return_info=return_info)
-    dtype = _solvers.compute_dtype()
-    scale = host(guidance_scale) if guidance != "none" else _unit_scale(dtype)
+    scale = host(guidance_scale) if guidance != "none" else _unit_scale(_solvers.compute_dtype())
+
+    def static_run(adaptive=()):
+        return _Run(shape=shape, model_type=model_type, guidance=guidance, stochastic=opts.stochastic,
+                    return_intermediate=return_intermediate, return_info=return_info, adaptive=adaptive)
+
     if method == "adaptive":
-        run = dataclasses.replace(run, adaptive=(
-            order, opts.predict_data, solver_type, opts.thresholding, opts.dynamic_thresholding_ratio,
-            opts.thresholding_max_val, opts.sample_max_value) + _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe,
-                                                          t_start, t_end))
+        run = static_run((order, opts.predict_data, solver_type, opts.thresholding, opts.dynamic_thresholding_ratio,
+                          opts.thresholding_max_val, opts.sample_max_value)
+                         + _check_adaptive(order, atol, rtol, h_init, theta, t_err, max_nfe, t_start, t_end))
         return _adaptive_jit(run, opts.denoise_to_zero, model_fn, classifier_fn, sharding, schedule, params, key,
                              noise, condition, unconditional_condition, scale, host(t_start), host(t_end))
+    # a repeated call finds its compiled program here, without building its static description
     rkey = (shape, model_type, guidance, return_intermediate, return_info, model_fn, classifier_fn, correcting_xt_fn,
             sharding)
     fn = runners.get(rkey)
     if fn is None:
-        fn = runners[rkey] = _runner(run, model_fn, classifier_fn, correcting_xt_fn, sharding, solver.options,
+        fn = runners[rkey] = _runner(static_run(), model_fn, classifier_fn, correcting_xt_fn, sharding, solver.options,
                                      solver.layout)
         if len(runners) > 8:  # e.g. a new model closure on every call: keep the newest few
             runners.pop(next(iter(runners)))
@@ -734,10 +729,8 @@ def invert(
     )
     if guidance == "classifier":
         opts = dataclasses.replace(opts, model_type="noise")
+    _solvers.split_grid(timesteps, model_timesteps, t_start, t_end)
     if timesteps is not None:
-        if t_start is not None or t_end is not None:
-            raise ValueError("give either timesteps (its first and last entries are the end points) or "
-                             "t_start/t_end, not both")
         _solvers.check_grid(opts, schedule, timesteps, model_timesteps, direction="increasing")
         lo = hi = None
     else:

@@ -151,6 +151,21 @@ def check_times(name, values, schedule, length, order=None, allow_zero_end=False
                          f"{np.dtype(dtype).name}; got lambda {lam}")
 
 
+def split_grid(timesteps, model_timesteps, t_start, t_end):
+    """``(timesteps, model_timesteps)`` with a :class:`dpmjax.FittedGrid` unpacked, after
+    refusing network times given twice and a grid given together with ``t_start``/``t_end``
+    (its first and last entries are the end points)."""
+    if isinstance(timesteps, _ts.FittedGrid):
+        if timesteps.model_timesteps is not None and model_timesteps is not None:
+            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
+        timesteps, model_timesteps = timesteps.timesteps, (
+            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
+    if timesteps is not None and (t_start is not None or t_end is not None):
+        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end, "
+                         "not both")
+    return timesteps, model_timesteps
+
+
 def _min_time(schedule):
     """Smallest time the schedule may be evaluated at (``schedule.t_min``: the table's first
     knot for a discrete schedule, below which log_alpha is extrapolated), and always > 0."""
@@ -604,9 +619,10 @@ class Solver:
         p = self.plan
         n, K = p.cx.shape[:2]
         zeros = np.zeros((n,))
+        out_coef, x_coef = self._conversion()
         out = {
             "t_eval": p.t_eval, "t_model": p.t_model, "in_scale": p.in_scale,
-            "out_coef": self._conversion()[0], "x_coef": self._conversion()[1],
+            "out_coef": out_coef, "x_coef": x_coef,
             "slot": p.slot, "ax": p.ax, "bx": zeros if p.bx is None else p.bx, "cx": p.cx,
             "ay": np.ones((n,)) if p.ay is None else p.ay, "cy": np.zeros((n, K)) if p.cy is None else p.cy,
             "nz": zeros if p.nz is None else p.nz,
@@ -856,11 +872,7 @@ def solver(
                 return solver.step(state, out_u + scale * (out_c - out_u))
             return solver.result(jax.lax.fori_loop(0, solver.num_evals, body, solver.init(x_T)))
     """
-    if isinstance(timesteps, _ts.FittedGrid):
-        if timesteps.model_timesteps is not None and model_timesteps is not None:
-            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
-        timesteps, model_timesteps = timesteps.timesteps, (
-            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
+    timesteps, model_timesteps = split_grid(timesteps, model_timesteps, t_start, t_end)
     opts = make_options(
         schedule, model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps,
         skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
@@ -869,8 +881,6 @@ def solver(
         orders=orders, timesteps=timesteps, model_timesteps=model_timesteps, sample_max_value=sample_max_value,
         ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo,
     )
-    if timesteps is not None and (t_start is not None or t_end is not None):
-        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end")
     if opts.method == "v3":
         t_start, t_end = v3_range(schedule, ems, t_start, t_end)
     elif timesteps is None:
