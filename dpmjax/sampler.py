@@ -291,6 +291,29 @@ def sample(
                           schedule=schedule, algorithm="dpmsolver++", method="multistep",
                           order=2, steps=15, skip_type="logSNR")
     """
+    # A repeated call with the same configuration (every argument but the arrays) finds its
+    # solver and compiled program here, checks only the per-call arguments, and dispatches.
+    config = (model_fn, shape, schedule, model_type, algorithm, method, order, steps, skip_type, t_start, t_end,
+              lower_order_final, denoise_to_zero, solver_type, thresholding, thresholding_max_val,
+              dynamic_thresholding_ratio, correcting_xt_fn, return_intermediate, condition is None,
+              unconditional_condition is None, classifier_fn, variant, disable_corrector, timesteps, model_timesteps,
+              atol, rtol, h_init, theta, t_err, max_nfe, return_info, sharding, orders, sample_max_value, ems,
+              use_corrector, p_pseudo, c_pseudo)
+    try:  # the types tell 1, 1.0 and True apart (also inside the tuple options)
+        config = (config, tuple(map(type, config)), disable_corrector and tuple(map(type, disable_corrector)),
+                  orders and tuple(map(type, orders)), jax.config.jax_enable_x64)
+        hit = _FAST.get(config)
+    except TypeError:  # an unhashable option (an array of times, a list): the full path below
+        config = hit = None
+    if hit is not None and hit[0] is schedule:
+        _, solver, fn, stochastic, run_sharding, unit = hit
+        _check_shape(shape)  # (64.0,) == (64,): the element types are checked here
+        guidance = _check_guidance(shape, condition, unconditional_condition, guidance_scale, classifier_fn)
+        _check_draw(shape, key, noise, stochastic, algorithm)
+        if _noise_sharding(sharding, noise) is run_sharding:
+            scale = unit if guidance == "none" else _solvers._host(guidance_scale)
+            return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise,
+                      condition, unconditional_condition, scale)
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
     shape = _check_shape(shape)
@@ -321,15 +344,7 @@ def sample(
                                  "method='adaptive'); remove it")
     # The arguments of this call (before the solver's tables are built or anything compiles).
     stochastic = isinstance(algorithm, str) and algorithm.startswith("sde-")
-    if noise is None:
-        check_key("key", key)
-    else:
-        if tuple(jnp.shape(noise)) != shape:
-            raise ValueError(f"noise must have shape {shape} (the shape argument); got {tuple(jnp.shape(noise))}")
-        if key is not None:
-            check_key("key", key)
-    if stochastic and key is None:
-        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
+    _check_draw(shape, key, noise, stochastic, algorithm)
     if sharding is not None and not isinstance(sharding, jax.sharding.Sharding):
         raise TypeError(f"sharding must be a jax.sharding.Sharding; got {type(sharding).__name__}")
     prepared = _prepare(schedule, guidance, method, dict(
@@ -340,8 +355,7 @@ def sample(
         sample_max_value=sample_max_value, ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo,
         c_pseudo=c_pseudo), t_start, t_end, timesteps, model_timesteps, shape)
     opts, t_start, t_end, solver, runners = prepared
-    if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None), jax.sharding.NamedSharding):
-        sharding = noise.sharding
+    sharding = _noise_sharding(sharding, noise)
     host = _solvers._host
     scale = host(guidance_scale) if guidance != "none" else _unit_scale(_solvers.compute_dtype())
 
@@ -364,8 +378,37 @@ def sample(
                                      solver.layout)
         if len(runners) > 8:  # e.g. a new model closure on every call: keep the newest few
             runners.pop(next(iter(runners)))
+    if config is not None and not _solvers._is_traced(solver):
+        _FAST[config] = (schedule, solver, fn, opts.stochastic, sharding, _unit_scale(_solvers.compute_dtype()))
+        if len(_FAST) > _PREPARED_MAX:
+            _FAST.pop(next(iter(_FAST)))
     return fn(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, key, noise, condition,
               unconditional_condition, scale)
+
+
+_FAST: dict = {}  # full configuration -> (schedule, solver, compiled program, stochastic, sharding, unit scale)
+
+
+def _check_draw(shape, key, noise, stochastic, algorithm):
+    """The per-call random inputs: ``noise`` of the sample shape, or a PRNG ``key``."""
+    if noise is None:
+        check_key("key", key)
+    else:
+        noise_shape = tuple(getattr(noise, "shape", None) or jnp.shape(noise))
+        if noise_shape != shape:
+            raise ValueError(f"noise must have shape {shape} (the shape argument); got {noise_shape}")
+        if key is not None:
+            check_key("key", key)
+    if stochastic and key is None:
+        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
+
+
+def _noise_sharding(sharding, noise):
+    """The sharding of ``x_T`` and the result: ``sharding``, else a sharded ``noise``'s own."""
+    if sharding is None and noise is not None and isinstance(getattr(noise, "sharding", None),
+                                                             jax.sharding.NamedSharding):
+        return noise.sharding
+    return sharding
 
 
 @functools.lru_cache(maxsize=None)

@@ -253,3 +253,34 @@ def test_singlestep_fixed_takes_whole_steps_and_reports_its_nfe():
                             steps=5, order=2, return_info=True)
     jax.block_until_ready(x)
     assert int(info["nfe"]) == 4 and len(counted) == 4
+
+
+WARM = dict(model_fn=zeros_model, steps=3, order=2)
+
+WARM_CASES = [
+    # (the warmed call's arguments changed to, error, message): a configuration that has
+    # already run dispatches without rebuilding its solver, and must still refuse these
+    (dict(noise=np.zeros((B, D + 1), np.float32)), ValueError, r"noise must have shape"),
+    (dict(noise=None), ValueError, r"key must be a PRNG key"),
+    (dict(key=7), TypeError, r"key must be a PRNG key"),
+    (dict(guidance_scale=2.0), ValueError, r"guidance_scale != 1 needs"),
+    (dict(guidance_scale=float("nan")), ValueError, r"guidance_scale must be finite"),
+    (dict(order=True), TypeError, r"order"),
+    (dict(steps=3.0), TypeError, r"steps"),
+    (dict(shape=(float(B), D)), TypeError, r"shape must be a tuple of ints"),
+    (dict(lower_order_final=1), TypeError, r"lower_order_final"),
+    (dict(algorithm="sde-dpmsolver++"), ValueError, r"key must be a PRNG key for algorithm"),
+]
+
+
+@pytest.mark.parametrize("change,error,message", WARM_CASES,
+                         ids=[",".join(c) + f"-{i}" for i, (c, _, _) in enumerate(WARM_CASES)])
+def test_a_configuration_that_ran_still_checks_each_call(change, error, message):
+    good = call(**WARM)  # the same configuration, run first (its solver and program are kept)
+    chex.assert_tree_all_finite(good)
+
+    def bad():
+        with pytest.raises(error, match=message):
+            call(**{**WARM, **change})
+
+    assert library_programs(compiled_during(bad)) == []
