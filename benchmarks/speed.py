@@ -14,6 +14,13 @@ Timings are interleaved in one process (limit, sample, limit, sample, ...), many
 repeats, median of each; the ratio is the ratio of medians. Every call ends with
 ``block_until_ready()``.
 
+Beside each method, the same method *written by hand* from ``dpmjax.solver(...).export()``'s
+tables (:func:`make_hand_written`: the limit's scan carrying the last model outputs as a
+tuple ordered by age, conversion and update in plain lines, checked to give
+``sample()``'s result): what a port of the exported coefficients costs, and the least
+work of the method itself (a multistep solver reads its history, which the limit does
+not). ``sample() / hand-written`` is the overhead of the library over that program.
+
 One more row times the one-step API in a hand-written loop: a jitted ``lax.fori_loop`` of
 ``solver.model_inputs``, the model and ``solver.step`` for DPM-Solver++(2M), reported
 beside ``sample()`` with the ratio of the two.
@@ -119,6 +126,63 @@ def make_limit(model_fn):
     return limit
 
 
+def age_tables(export):
+    """``(cx, cy)`` of an exported solver indexed by age instead of ring-buffer slot:
+    ``cx[r, a]`` multiplies the model output of row ``r - a`` (``a = 0``: row ``r``'s own)."""
+    slot, cx, cy = export["slot"], export["cx"], export["cy"]
+    n, K = cx.shape
+    written = np.full(K, -1)  # the row that last wrote each slot
+    by_age = np.zeros((2, n, n))
+    for r in range(n):
+        written[slot[r]] = r
+        for k in range(K):
+            if written[k] >= 0:
+                by_age[:, r, r - written[k]] += (cx[r, k], cy[r, k])
+            else:
+                assert cx[r, k] == 0 and cy[r, k] == 0  # a slot never written holds zeros
+    ages = 1 + max(int(np.max(np.nonzero(np.any(by_age != 0, axis=(0, 1)))[0], initial=0)), 0)
+    return by_age[0, :, :ages], by_age[1, :, :ages]
+
+
+def make_hand_written(model_fn, solver):
+    """The solver written by hand in the limit's style from ``solver.export()``'s tables:
+    one ``lax.scan`` over rows, the last model outputs carried as a tuple ordered by age
+    (no ring buffer), conversion and update unrolled into plain lines,
+
+        m = x_coef y + out_coef model(y, t);  x <- ax x + bx y + sum_a cx_a m_{-a};  y <- ay x + sum_a cy_a m_{-a}
+
+    (``y`` is ``x`` for the multistep methods). It is what a user porting the exported
+    coefficients would write, and the least work the method itself needs beyond the
+    limit: it reads the history its combinations use. Returns ``call(params, x_T)``.
+    Only for solvers without thresholding, noise or v3 terms, with unit scales."""
+    e = solver.export()
+    assert not e["thresholding"] and not np.any(e["nz"]) and np.all(e["in_scale"] == 1) and "g_p" not in e
+    cx, cy = age_tables(e)
+    ages = cx.shape[1]
+    uses_y = bool(np.any(e["bx"]) or np.any(e["cy"]) or np.any(e["ay"] != 1))
+    tables = tuple(jnp.asarray(v, jnp.float32) for v in
+                   (e["t_model"], e["x_coef"], e["out_coef"], e["ax"], e["bx"], cx, e["ay"], cy))
+
+    @jax.jit
+    def run(params, x, tables):
+        def body(carry, row):
+            x, y, hist = carry
+            t, p, q, ax, bx, cx, ay, cy = row
+            src = y if uses_y else x
+            m = p * src + q * model_fn(params, src, jnp.broadcast_to(t, (x.shape[0],)))
+            x = ax * x + cx[0] * m + sum(cx[a] * hist[a - 1] for a in range(1, ages))
+            if uses_y:
+                x = x + bx * y
+                y = ay * x + cy[0] * m + sum(cy[a] * hist[a - 1] for a in range(1, ages))
+            return (x, y, ((m,) + hist)[: ages - 1]), None
+
+        hist = tuple(jnp.zeros_like(x) for _ in range(ages - 1))
+        (x, y, _), _ = jax.lax.scan(body, (x, x if uses_y else None, hist), tables)
+        return y if uses_y else x
+
+    return lambda params, x: run(params, x, tables)
+
+
 def limit_inputs(schedule, steps):
     """DDIM coefficients on a time-uniform grid (any finite numbers would do)."""
     ts = jnp.linspace(schedule.T, schedule.t_eps, steps + 1)
@@ -165,7 +229,10 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
                 model_fn, p, None, n.shape, schedule=schedule, noise=n, steps=NFE, skip_type="logSNR", **kw
             )
         )
-        calls[label] = (direct, lambda wrapped=wrapped: wrapped(params, x))
+        hand = make_hand_written(model_fn, dpmjax.solver(schedule, steps=NFE, skip_type="logSNR", **kw))
+        want = direct()  # float32 rounding, on samples of size ~1e3 (the MLP is untrained)
+        np.testing.assert_allclose(hand(params, x), want, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+        calls[label] = (direct, lambda wrapped=wrapped: wrapped(params, x), lambda hand=hand: hand(params, x))
     solver = dpmjax.solver(schedule, steps=NFE, skip_type="logSNR", **METHODS[0][1])
 
     @jax.jit
@@ -177,20 +244,20 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
         return solver.result(jax.lax.fori_loop(0, solver.num_evals, body, solver.init(x_T)))
 
     call_fori = lambda: fori(params, x, solver)  # noqa: E731
-    calls[FORI_LABEL] = (call_fori, call_fori)  # already one jitted call: both columns time it
+    calls[FORI_LABEL] = (call_fori, call_fori, calls[METHODS[0][0]][2])  # one jitted call: both columns time it
     for _ in range(warmup):
         call_limit().block_until_ready()
-        for direct, wrapped in calls.values():
-            direct().block_until_ready()
-            wrapped().block_until_ready()
-    times = {k: ([], [], []) for k in calls}
+        for fns in calls.values():
+            for fn in fns:
+                fn().block_until_ready()
+    times = {k: ([], [], [], []) for k in calls}
     for _ in range(repeats):
-        for label, (direct, wrapped) in calls.items():  # interleaved: limit, sample, jit(sample), limit, ...
-            for acc, fn in zip(times[label], (call_limit, direct, wrapped)):
+        for label, fns in calls.items():  # interleaved: limit, sample, jit(sample), hand-written, limit, ...
+            for acc, fn in zip(times[label], (call_limit, *fns)):
                 acc.append(_timed(fn))
     rows = []
     for label in calls:
-        t_l, t_s, t_j = (np.asarray(v) for v in times[label])  # (repeats, 2): wall, cpu
+        t_l, t_s, t_j, t_h = (np.asarray(v) for v in times[label])  # (repeats, 2): wall, cpu
         rows.append(
             dict(
                 label=label,
@@ -203,6 +270,8 @@ def measure_ratios(width, batch, repeats, warmup, schedule):
                 cpu=np.median(t_s[:, 1]) / np.median(t_l[:, 1]),
                 jit=np.median(t_j[:, 0]) / np.median(t_l[:, 0]),
                 jit_cpu=np.median(t_j[:, 1]) / np.median(t_l[:, 1]),
+                hand=np.median(t_h[:, 0]) / np.median(t_l[:, 0]),
+                vs_hand=np.median(t_s[:, 0]) / np.median(t_h[:, 0]),
             )
         )
     by_label = {row["label"]: row for row in rows}
@@ -296,8 +365,8 @@ def main(argv=None):
         "(robust when other jobs share the machine).",
         "",
         "| model | method | limit (ms) | sample() (ms) | **ratio** | target | met | paired | CPU-time ratio "
-        "| jit(sample) ratio | jit(sample) CPU ratio |",
-        "|---|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|",
+        "| jit(sample) ratio | jit(sample) CPU ratio | hand-written / limit | **sample() / hand-written** |",
+        "|---|---|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|",
     ]
     print(lines[2], flush=True)
     fori_notes = []
@@ -309,7 +378,8 @@ def main(argv=None):
             line = (
                 f"| MLP w{width} B{batch} | {row['label']} | {fmt(row['limit_ms'])} | {fmt(row['sample_ms'])} | "
                 f"**{r:.3f}** | <= {target:.2f} | {'yes' if r <= target else 'NO'} | {row['paired']:.3f} | "
-                f"{row['cpu']:.3f} | {row['jit']:.3f} | {row['jit_cpu']:.3f} |"
+                f"{row['cpu']:.3f} | {row['jit']:.3f} | {row['jit_cpu']:.3f} | {row['hand']:.3f} | "
+                f"**{row['vs_hand']:.3f}** |"
             )
             lines.append(line)
             print(line, flush=True)
@@ -319,7 +389,13 @@ def main(argv=None):
     if fori_notes:
         lines += ["", f"`{FORI_LABEL}`: `dpmjax.solver(...)` built once and passed into a user's `jax.jit`ted "
                   "`lax.fori_loop` of `model_inputs`, the model and `step` (its `sample()` and `jit(sample)` columns "
-                  "both time that one jitted call).", ""] + [f"- {n}" for n in fori_notes]
+                  "both time that one jitted call; its hand-written column is DPM-Solver++(2M)'s).", "",
+                  "`hand-written`: the method written by hand from `dpmjax.solver(...).export()`'s tables in the "
+                  "limit's style (`make_hand_written`: the last model outputs carried as a tuple ordered by age, "
+                  "conversion and update in plain lines; its result is checked against `sample()`). It reads the "
+                  "history the method's combinations use, which the limit does not, so `hand-written / limit` is "
+                  "what the method itself costs over the limit at that size, and `sample() / hand-written` what "
+                  "the library adds to it.", ""] + [f"- {n}" for n in fori_notes]
         print("\n".join(fori_notes), flush=True)
 
     trials = 1 if args.quick else 2
