@@ -37,10 +37,14 @@ passes over the grid:
 2. ``s, b``: ``f`` and ``f'`` per sample, ``f'`` by one ``jax.linearize`` of
    ``u(y, lambda)`` applied to the ODE tangent ``(-u, 1)`` (the network's time input is
    differentiated through ``schedule.inverse_lambda`` and ``schedule.model_time``);
-   ``l' = dl/dlambda`` by second-order finite differences of pass 1's ``l`` on the grid. Means and
+   ``l' = dl/dlambda`` by second-order finite differences of pass 1's ``l`` on the grid,
+   smoothed by an 11-point moving average (``smooth_dl``) as in the authors' statistics. Means and
    co-moments are merged batch by batch (Chan et al.), never as differences of raw
    second moments. ``s = Cov(f, f') / (Var(f) + ridge (E u^2 + l^2 E y^2))``: the small
-   ridge keeps ``s`` at 0 where ``f`` does not vary.
+   ridge keeps ``s`` at 0 where ``f`` does not vary. (The authors' regression has no ridge;
+   at the noisy end, where the noised data are nearly Gaussian and ``Var(f) -> 0``, it is
+   ill-posed: on the 2-D ring of ``benchmarks/accuracy.py`` it gives ``|s|`` up to about
+   1e4 on the first grid points, where the ridge gives the exact statistics' ``s = 0``.)
 
 Cost: ``2 n_lambdas n_samples`` Jacobian-vector products (each about two to three
 forward passes of the network), in batches of ``batch_size``: linear in both, and
@@ -267,6 +271,19 @@ def _derivative(v, d):
     return jnp.concatenate([first[None], inner, last[None]], 0)
 
 
+def _moving_average(v, w):
+    """The mean of ``v[j]`` over ``|j - i| <= w`` along axis 0, the window truncated at the
+    ends (``w = 0``: ``v`` itself)."""
+    if w == 0:
+        return v
+    n = v.shape[0]
+    c = jnp.concatenate([jnp.zeros((1,) + v.shape[1:], v.dtype), jnp.cumsum(v, 0)], 0)
+    i = np.arange(n)
+    lo, hi = np.maximum(i - w, 0), np.minimum(i + w, n - 1) + 1
+    count = jnp.asarray((hi - lo).reshape((n,) + (1,) * (v.ndim - 1)), v.dtype)
+    return (c[hi] - c[lo]) / count
+
+
 def compute_ems(
     model_fn: Callable,
     params: Any,
@@ -283,6 +300,7 @@ def compute_ems(
     batch_size: int = 256,
     lambdas_per_call: int = 64,
     ridge: float = 1e-6,
+    smooth_dl: int = 5,
     progress: bool = False,
 ) -> EMS:
     """Estimate DPM-Solver-v3's empirical model statistics ``l, s, b`` of a model.
@@ -315,6 +333,9 @@ def compute_ems(
       lambdas_per_call: grid rows per compiled call (one ``lax.map``); bounds the progress
         bar's granularity, not the result.
       ridge: relative ridge of the ``s`` regression (see module docstring).
+      smooth_dl: half-width of the moving average applied to ``l' = dl/dlambda`` (the
+        finite differences of a Monte Carlo ``l`` are noisy); the default 5 (11 points,
+        truncated at the ends) is what the authors' statistics use; 0: none.
       progress: show a ``tqdm`` bar over grid rows (both passes).
 
     Returns:
@@ -347,6 +368,9 @@ def compute_ems(
     batch_size = min(batch_size, n_samples)
     if not (isinstance(ridge, numbers.Real) and ridge >= 0):
         raise ValueError(f"ridge must be a float >= 0; got {ridge!r}")
+    smooth_dl = _int("smooth_dl", smooth_dl, 0)
+    if smooth_dl >= n_lambdas:
+        raise ValueError(f"smooth_dl must be < n_lambdas = {n_lambdas}; got {smooth_dl}")
     lambdas = _grid(schedule, t_start, t_end, n_lambdas)
     if not np.all(np.isfinite(np.asarray(data))):
         raise ValueError("data has non-finite entries")
@@ -376,7 +400,7 @@ def compute_ems(
     try:
         l = run("l", zeros, zeros, bar)
         dlam = lambdas[1] - lambdas[0]
-        dl = _derivative(l, dlam)
+        dl = _moving_average(_derivative(l, dlam), smooth_dl)
         mean_f, mean_f1, var_f, cov, scale = run("sb", l, dl, bar)
     finally:
         if bar is not None:

@@ -270,9 +270,11 @@ def sample(
         ``NamedSharding`` over the batch axis); by default a sharded ``noise``'s own.
       ems: ``method="v3"`` only: a :class:`dpmjax.EMS` (:func:`dpmjax.compute_ems`,
         :func:`dpmjax.load_ems`) of the sample shape ``shape[1:]``. DPM-Solver-v3 integrates
-        over the EMS grid's range (no ``t_start``/``t_end``/``timesteps``): its ``steps + 1``
-        time steps are the ``skip_type`` grid (``"logSNR"``, ``"time_uniform"``,
-        ``"time_quadratic"`` or ``"karras"``) snapped to EMS grid points. ``order`` is the
+        over the EMS grid's range (no ``t_start``/``t_end``): its ``steps + 1`` time steps are
+        the ``skip_type`` grid (``"logSNR"``, ``"time_uniform"``, ``"time_quadratic"`` or
+        ``"karras"``), or the given ``timesteps`` (concrete; e.g. a fitted grid, whose ends
+        must be the EMS range's), snapped to EMS grid points (each new grid builds and
+        compiles its own tables). ``order`` is the
         predictor's (1 to 3), ``algorithm`` must be ``"dpmsolver++"``; see :mod:`dpmjax.v3`.
       use_corrector, p_pseudo, c_pseudo: ``method="v3"`` only, the authors' options: the
         corrector (no extra model call), pseudo-order predictor and corrector. Their

@@ -408,12 +408,10 @@ def _v3_options(schedule, algorithm, order, steps, skip_type, lower_order_final,
     if denoise_to_zero:
         raise ValueError("denoise_to_zero does not apply to method='v3' (it ends at the EMS grid's last lambda: compute "
                          "the EMS for the interval you sample)")
-    if timesteps is not None:
-        raise ValueError("timesteps does not apply to method='v3' (its time steps are points of the EMS grid, chosen "
-                         "by skip_type); remove it")
     flags = {n: _boolean(n, v) for n, v in dict(use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo).items()}
     p_orders, c_orders = _v3.v3_orders(order, steps, lower_order_final, flags["use_corrector"], flags["c_pseudo"])
-    idx = _v3.v3_indexes(schedule, ems, steps, skip_type)
+    idx = (_v3.v3_indexes(schedule, ems, steps, skip_type) if timesteps is None
+           else _v3.v3_grid_indexes(schedule, ems, timesteps))
     fields = dict(ems_indexes=tuple(int(i) for i in idx), corrector_orders=c_orders, p_pseudo=flags["p_pseudo"],
                   c_pseudo=flags["c_pseudo"])
     return p_orders, fields, np.asarray(c_orders) > 0

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -137,6 +138,31 @@ def v3_indexes(schedule: NoiseSchedule, ems: EMS, steps: int, skip_type: str = "
             f"steps={steps} with skip_type={skip_type!r} puts two time steps on the same point of the EMS grid "
             f"(n = {n} intervals; indexes {idx.tolist()}): use fewer steps or EMS on a finer grid"
         )
+    return idx
+
+
+def v3_grid_indexes(schedule: NoiseSchedule, ems: EMS, timesteps) -> np.ndarray:
+    """The EMS grid indices of given time steps (e.g. a grid fitted by
+    :func:`dpmjax.fit_timesteps`): each time's lambda snapped to the nearest EMS lambda by
+    the rule of :func:`v3_indexes`. The first and last must land on the grid's ends (v3
+    integrates over the EMS range) and no two on the same point. Host-side (static)."""
+    check_ems(ems)
+    if isinstance(timesteps, jax.core.Tracer):
+        raise ValueError("timesteps of method='v3' must be concrete (NumPy or Python numbers): they are snapped to "
+                         "EMS grid points, which fix the solver's tables")
+    ts = np.asarray(timesteps, np.float64)
+    lam = np.asarray(ems.lambdas, np.float64)
+    n = lam.shape[0] - 1
+    lam_ts = np.asarray(schedule.lambda_(jnp.asarray(ts, jnp.result_type(float))), np.float64)
+    idx = np.rint(n * (lam_ts - lam[0]) / (lam[-1] - lam[0])).astype(np.int64)
+    if idx[0] != 0 or idx[-1] != n:
+        raise ValueError(
+            f"timesteps of method='v3' must start and end at the EMS grid's ends (lambda {lam[0]:.4g} and "
+            f"{lam[-1]:.4g}, within half a grid interval); got lambdas {lam_ts[0]:.4g} and {lam_ts[-1]:.4g}"
+        )
+    if np.any(np.diff(idx) <= 0):
+        raise ValueError(f"timesteps put two time steps on the same point of the EMS grid (n = {n} intervals; "
+                         f"indexes {idx.tolist()}): use EMS on a finer grid")
     return idx
 
 

@@ -66,7 +66,8 @@ def test_compute_ems_gaussian_closed_form(x64):
     sched = dpmjax.VPLinear()
     gm, model_fn = _gaussian()
     data = gm.sample(jax.random.key(1), 64)
-    ems = compute_ems(model_fn, gm, jax.random.key(0), (2,), schedule=sched, data=data, n_lambdas=201, batch_size=24)
+    ems = compute_ems(model_fn, gm, jax.random.key(0), (2,), schedule=sched, data=data, n_lambdas=201, batch_size=24,
+                      smooth_dl=0)
     l, s, b = _gaussian_ems(ems.lambdas)
     # l: the Jacobian is constant and diagonal, so the Rademacher estimator is exact.
     np.testing.assert_allclose(ems.l, l, atol=1e-12)
@@ -78,9 +79,25 @@ def test_compute_ems_gaussian_closed_form(x64):
     assert err < 0.25 * dlam**2, (err, dlam)
     # Deterministic for a key, whatever the chunking of the grid.
     again = compute_ems(model_fn, gm, jax.random.key(0), (2,), schedule=sched, data=data, n_lambdas=201,
-                        batch_size=24, lambdas_per_call=50)
+                        batch_size=24, lambdas_per_call=50, smooth_dl=0)
     for a, c in zip(ems, again):
         np.testing.assert_array_equal(a, c)
+    # The default smooths l' (only the "- l' y" term of f' uses it): the same l, another b.
+    smooth = compute_ems(model_fn, gm, jax.random.key(0), (2,), schedule=sched, data=data, n_lambdas=201,
+                         batch_size=24)
+    np.testing.assert_array_equal(smooth.l, ems.l)
+    assert np.max(np.abs(np.asarray(smooth.b) - np.asarray(ems.b))) > 1e-3
+
+
+def test_moving_average_of_dl_truncates_at_the_ends():
+    """``l'`` is smoothed by the mean over ``|j - i| <= w`` grid points, the window cut at
+    the ends (the authors' 11-point average for ``w = 5``): against a direct loop."""
+    from dpmjax.ems import _moving_average
+
+    v = np.random.default_rng(0).standard_normal((23, 3, 2))
+    for w in (0, 1, 5, 22):
+        want = np.stack([v[max(i - w, 0):i + w + 1].mean(0) for i in range(v.shape[0])])
+        np.testing.assert_allclose(_moving_average(jnp.asarray(v), w), want, rtol=1e-6, atol=1e-6)
 
 
 def test_compute_ems_regression_matches_lstsq(x64):
@@ -93,7 +110,7 @@ def test_compute_ems_regression_matches_lstsq(x64):
     model_fn = gm.model_fn(sched)
     data = gm.sample(jax.random.key(3), 32)
     ems = compute_ems(model_fn, gm, jax.random.key(4), (2,), schedule=sched, data=data, n_lambdas=41,
-                      batch_size=32, ridge=0.0)
+                      batch_size=32, ridge=0.0, smooth_dl=0)
     lam = np.asarray(ems.lambdas)
     row = 20
     lam0 = float(lam[row])
@@ -459,6 +476,31 @@ def test_sample_v3_runs_the_v3_table(x64, order, use_corrector, p_pseudo, c_pseu
     np.testing.assert_allclose(x, ref, rtol=0, atol=1e-10)
 
 
+def test_v3_on_given_timesteps_snaps_them_to_the_ems_grid(x64):
+    """``timesteps=`` (e.g. a fitted grid) with ``method="v3"``: each time is snapped to the
+    nearest EMS grid point, so times off the points by less than half an interval give the
+    table of those points (run by its own recurrence), to 1e-10."""
+    sched = dpmjax.VPLinear()
+    gm, model_fn = _gaussian()
+    x_T = _x_T()
+    ems = _perturbed_gaussian_ems(sched, 300)
+    lam = np.asarray(ems.lambdas)
+    idx = np.array([0, 20, 70, 130, 200, 260, 300])
+    steps = idx.shape[0] - 1
+    jitter = np.random.default_rng(0).uniform(-0.4, 0.4, steps + 1) * (lam[1] - lam[0])
+    ts = np.array(sched.inverse_lambda(jnp.asarray(lam[idx] + jitter)))
+    ts[0], ts[-1] = dpmjax.solvers.v3_range(sched, ems)
+    assert not np.any(np.isin(np.asarray(sched.lambda_(jnp.asarray(ts[1:-1]))), lam))  # off the grid points
+    p, c = v3_orders(3, steps, True, True, False)
+    plan = v3_plan(sched, ems, idx, p, c, p_pseudo=False, c_pseudo=False)
+    ref = _table_loop(_x0_fn(model_fn, gm, sched), plan, x_T, c)
+    x = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, method="v3", ems=ems, order=3,
+                      steps=steps, timesteps=ts, c_pseudo=False)
+    np.testing.assert_allclose(x, ref, rtol=0, atol=1e-10)
+    # and the time steps differ from the logSNR grid's (this is not skip_type's table)
+    assert not np.array_equal(idx, v3_indexes(sched, ems, steps, "logSNR"))
+
+
 def test_step_api_hand_loop_equals_sample(x64):
     """``dpmjax.solver(method="v3")`` driven by a Python loop gives sample()'s result and
     intermediate states; the exported tables run by their documented recurrence agree too."""
@@ -522,7 +564,8 @@ def test_v3_option_errors():
         (dict(algorithm="dpmsolver"), r"algorithm='dpmsolver\+\+'"),
         (dict(t_start=0.9), "t_start does not apply to method='v3'"),
         (dict(t_end=0.01), "t_end does not apply to method='v3'"),
-        (dict(timesteps=np.linspace(1.0, 0.01, 6)), "timesteps does not apply to method='v3'"),
+        (dict(timesteps=np.linspace(1.0, 0.01, 6)), "timesteps of method='v3' must start and end at the EMS grid"),
+        (dict(timesteps=np.r_[1.0, 0.9999, 0.5, 0.2, 0.1, 1e-3]), "two time steps on the same point of the EMS grid"),
         (dict(denoise_to_zero=True), "denoise_to_zero does not apply to method='v3'"),
         (dict(variant="bh1"), "variant='bh1' does not apply to method='v3'"),
         (dict(orders=(1, 2, 3, 3, 3)), "does not apply to method='v3'"),
