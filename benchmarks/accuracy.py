@@ -60,6 +60,8 @@ SOLVERS = [
     ("UniPC-bh2 order 2", dict(algorithm="dpmsolver++", method="unipc", order=2, variant="bh2")),
     ("UniPC-bh2 order 3", dict(algorithm="dpmsolver++", method="unipc", order=3, variant="bh2")),
 ]
+#: DPM-Solver-v3 with statistics from dpmjax.compute_ems (v3_accuracy.py's settings per NFE)
+V3_LABEL = "DPM-Solver-v3 (EMS)"
 GENERIC = ("Euler", "Heun", "RK4")
 EVALS_PER_STEP = {"Euler": 1, "Heun": 2, "RK4": 4}
 
@@ -100,7 +102,7 @@ def skip_types(schedule_name):
 # --------------------------------------------------------------------------- worker
 
 
-def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None):
+def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None, ems_lambdas=1201, ems_samples=4096):
     """Errors of every solver for one schedule (runs in its own process)."""
     import jax
 
@@ -202,6 +204,23 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None):
                 errors[(label, skip, nfe)] = rms(sample(nfe, skip, **kw), ref2)
                 actual_nfe[(label, skip, nfe)] = nfe
         note(f"{label} done")
+    ems_time = None
+    if ems_lambdas and (not only or only in V3_LABEL):
+        from v3_accuracy import v3_settings
+
+        keys = jax.random.split(jax.random.key(7), len(mixtures))
+        data = jnp.concatenate([gm.sample(k, ems_samples) for gm, k in zip(mixtures, keys)], axis=1)
+        t1 = time.perf_counter()
+        ems = jax.block_until_ready(dpmjax.compute_ems(
+            model_fn, mixtures, jax.random.key(3), (int(bounds[-1]),), schedule=schedule, data=data,
+            n_lambdas=ems_lambdas, batch_size=min(ems_samples, 1024)))
+        ems_time = time.perf_counter() - t1
+        note(f"EMS ({ems_lambdas} lambdas x {ems_samples} samples) done in {ems_time:.0f}s")
+        for skip in skip_types(schedule_name):
+            for nfe in nfes:
+                errors[(V3_LABEL, skip, nfe)] = rms(sample(nfe, skip, ems=ems, **v3_settings(nfe)), ref2)
+                actual_nfe[(V3_LABEL, skip, nfe)] = nfe
+        note(f"{V3_LABEL} done")
     pad = max(nfes)
     for kind in GENERIC:
         for skip in ("time_uniform", "logSNR"):
@@ -218,6 +237,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None):
         checks=checks,
         errors=errors,
         actual_nfe=actual_nfe,
+        ems=None if ems_time is None else dict(lambdas=ems_lambdas, samples=ems_samples, seconds=ems_time),
         log=log,
         backend=f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}",
     )
@@ -233,7 +253,7 @@ def geomean(v):
 def rows_of(res):
     """Row keys (label, skip) in display order."""
     keys = []
-    for label, _ in SOLVERS:
+    for label, _ in SOLVERS + [(V3_LABEL, None)]:
         for skip in skip_types(res["schedule"]):
             keys.append((label, skip))
     for kind in GENERIC:
@@ -367,6 +387,12 @@ def report(results, nfes, args, wall):
 
     for res in results:
         lines += [f"## {res['schedule']}", ""]
+        if res.get("ems"):
+            e = res["ems"]
+            lines += [f"`{V3_LABEL}`: DPM-Solver-v3 with statistics from `dpmjax.compute_ems` on {e['lambdas']} "
+                      f"lambdas x {e['samples']} data samples per problem (computed in {e['seconds']:.0f}s, "
+                      "compilation included), order 3 with the authors' CIFAR-10 settings per NFE (see "
+                      "`v3_accuracy.py`, which also reports the median error and the samples that change mode).", ""]
         lines += ["Geometric mean over the problems:", ""] + table(res, nfes, None) + [""]
         for j, prob in enumerate(res["problems"]):
             lines += [f"### {res['schedule']}: {prob}", ""] + table(res, nfes, j) + [""]
@@ -396,6 +422,9 @@ def main(argv=None):
     p.add_argument("--schedules", default=",".join(SCHEDULES), help=f"comma-separated subset of {SCHEDULES}")
     p.add_argument("--replot", default=None, help="only redraw the PNG from a results JSON written by a run")
     p.add_argument("--only", default=None, help="run only the dpmjax solvers whose label contains this (smoke tests)")
+    p.add_argument("--ems-lambdas", type=int, default=1201, help="EMS grid of the DPM-Solver-v3 rows (default 1201, "
+                   "the authors'; 0: no v3 rows)")
+    p.add_argument("--ems-samples", type=int, default=4096, help="data samples per EMS grid point (default 4096)")
     args = p.parse_args(argv)
     args.batch = args.batch or (256 if args.quick else 1000)
     args.ref_steps = args.ref_steps or (2000 if args.quick else 4000)
@@ -423,7 +452,8 @@ def main(argv=None):
     chosen = [s for s in SCHEDULES if s in args.schedules.split(",")]
     if not chosen:
         p.error(f"--schedules must name some of {SCHEDULES}")
-    jobs = [(s, nfes, args.batch, args.ref_steps, args.cache_dir, args.only) for s in chosen]
+    jobs = [(s, nfes, args.batch, args.ref_steps, args.cache_dir, args.only, args.ems_lambdas, args.ems_samples)
+            for s in chosen]
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as ex:
             results = list(ex.map(run_schedule, *zip(*jobs)))
