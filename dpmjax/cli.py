@@ -456,6 +456,11 @@ DEMO_METHODS = (
 DEMO_FIT_STEPS = 6
 DEMO_FIT_SOLVER = dict(algorithm="dpmsolver++", method="multistep", order=2)
 DEMO_FIT_LABELS = ("DPM-Solver++(2M) logSNR", "DPM-Solver++(2M) fitted")
+# DPM-Solver-v3 at the same 6 NFE and order, with statistics computed from the model
+# (the defaults of `dpmjax compute-ems`) and the authors' c_pseudo=False.
+DEMO_V3_LABEL = "DPM-Solver-v3 logSNR"
+DEMO_V3_SOLVER = dict(method="v3", order=2, c_pseudo=False)
+DEMO_V3_EMS = dict(n_lambdas=401, samples=1024)
 
 
 def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples: int = 4000, seed: int = 0,
@@ -473,7 +478,9 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     :func:`dpmjax.fit_timesteps` to ``fit_trajectories`` reference trajectories from noise
     of their own (not the evaluation noise); ``fit_candidates`` and ``fit_refine_iters``
     are its ``n_candidates`` and ``refine_iters``. The fitted row also has
-    ``fit_seconds``, and the grid is saved to ``out/grid-6.json``.
+    ``fit_seconds``, and the grid is saved to ``out/grid-6.json``. DPM-Solver-v3 order 2
+    runs at the same 6 NFE with statistics :func:`dpmjax.compute_ems` computes from 1024
+    training-data samples on 401 lambdas (its row has ``ems_seconds``).
     """
     import jax
     import jax.numpy as jnp
@@ -552,6 +559,16 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     results[label_log] = evaluate(label_log, dict(DEMO_FIT_SOLVER, steps=steps, skip_type="logSNR"))
     results[label_fit] = evaluate(label_fit, dict(DEMO_FIT_SOLVER, steps=steps, timesteps=grid))
     results[label_fit]["fit_seconds"] = fit_seconds
+    t0 = time.perf_counter()
+    ems_data, _ = ds.sample(jax.random.key(seed + 6), DEMO_V3_EMS["samples"])
+    ems = jax.block_until_ready(dpmjax.compute_ems(trainer.model_fn, params, jax.random.key(seed + 7), ds.shape,
+                                                   schedule=trainer.schedule, data=ems_data,
+                                                   n_lambdas=DEMO_V3_EMS["n_lambdas"], progress=progress))
+    ems_seconds = time.perf_counter() - t0
+    log(f"computed DPM-Solver-v3's statistics in {ems_seconds:.1f}s ({DEMO_V3_EMS['n_lambdas']} lambdas x "
+        f"{DEMO_V3_EMS['samples']} data samples)")
+    results[DEMO_V3_LABEL] = evaluate(DEMO_V3_LABEL, dict(DEMO_V3_SOLVER, steps=steps, skip_type="logSNR", ems=ems))
+    results[DEMO_V3_LABEL]["ems_seconds"] = ems_seconds
     # table order: the 10-NFE samplers, the 6-NFE pair, the reference last
     ref_label = DEMO_METHODS[-1][0]
     results[ref_label] = results.pop(ref_label)
@@ -573,7 +590,8 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     panels += [(f"{label}, {r['nfe']} NFE\nSWD {r['swd']:.3f}", xs[label]) for label, r in results.items()]
     png = os.path.join(out, "demo.png")
     plots.scatter_panels(panels, png, suptitle=f"{data}: samplers at 10 model evaluations, DPM-Solver++(2M) at "
-                                               f"{steps} on the logSNR and a fitted grid, and a 200-NFE reference\n"
+                                               f"{steps} on the logSNR and a fitted grid, DPM-Solver-v3 at {steps}, "
+                                               "and a 200-NFE reference\n"
                                                "SWD: sliced Wasserstein distance to fresh data samples "
                                                f"(lower is better; two data samples differ by {floor:.3f})")
     log(f"\nwrote {png}; total {time.perf_counter() - t_all:.1f}s")
