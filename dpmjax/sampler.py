@@ -294,8 +294,9 @@ def sample(
                           order=2, steps=15, skip_type="logSNR")
     """
     # A repeated call with the same configuration (every argument but the arrays) finds its
-    # solver and compiled program here, checks only the per-call arguments, and dispatches.
-    config = (model_fn, shape, schedule, model_type, algorithm, method, order, steps, skip_type, t_start, t_end,
+    # solver and compiled program here, checks only the per-call arguments, and dispatches
+    # (the schedule by identity: the entry holds it, and a VPDiscrete's tables do not hash).
+    config = (model_fn, shape, id(schedule), model_type, algorithm, method, order, steps, skip_type, t_start, t_end,
               lower_order_final, denoise_to_zero, solver_type, thresholding, thresholding_max_val,
               dynamic_thresholding_ratio, correcting_xt_fn, return_intermediate, condition is None,
               unconditional_condition is None, classifier_fn, variant, disable_corrector, timesteps, model_timesteps,
