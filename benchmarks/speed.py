@@ -398,7 +398,7 @@ def main(argv=None):
                   "the library adds to it.", ""] + [f"- {n}" for n in fori_notes]
         print("\n".join(fori_notes), flush=True)
 
-    trials = 1 if args.quick else 2
+    trials = 1 if args.quick else 5  # a cold compile is ~0.2 s: single trials vary by 1.5x
     comp = measure_compile(steps_list, schedule, trials)
     lines += [
         "",
