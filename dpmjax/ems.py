@@ -38,7 +38,8 @@ passes over the grid:
    ``u(y, lambda)`` applied to the ODE tangent ``(-u, 1)`` (the network's time input is
    differentiated through ``schedule.inverse_lambda`` and ``schedule.model_time``);
    ``l' = dl/dlambda`` by second-order finite differences of pass 1's ``l`` on the grid,
-   smoothed by an 11-point moving average (``smooth_dl``) as in the authors' statistics. Means and
+   smoothed by an 11-point moving average (``smooth_dl``; the EMS computation published
+   for the authors' ScoreSDE example smooths the same way). Means and
    co-moments are merged batch by batch (Chan et al.), never as differences of raw
    second moments. ``s = Cov(f, f') / (Var(f) + ridge (E u^2 + l^2 E y^2))``: the small
    ridge keeps ``s`` at 0 where ``f`` does not vary. (The authors' regression has no ridge;
@@ -335,7 +336,8 @@ def compute_ems(
       ridge: relative ridge of the ``s`` regression (see module docstring).
       smooth_dl: half-width of the moving average applied to ``l' = dl/dlambda`` (the
         finite differences of a Monte Carlo ``l`` are noisy); the default 5 (11 points,
-        truncated at the ends) is what the authors' statistics use; 0: none.
+        truncated at the ends), the window of the EMS computation published for the
+        authors' ScoreSDE example; 0: none.
       progress: show a ``tqdm`` bar over grid rows (both passes).
 
     Returns:
