@@ -114,6 +114,20 @@ def v3_orders(order: int, steps: int, lower_order_final: bool, use_corrector: bo
     return tuple(p), tuple(c)
 
 
+def _nearest_indexes(lam, lam_ts):
+    """The EMS grid index nearest to each of the lambdas ``lam_ts``: ``round(n (lambda -
+    lambda_0) / (lambda_n - lambda_0))``, the authors' rule."""
+    n = lam.shape[0] - 1
+    return np.rint(n * (lam_ts - lam[0]) / (lam[-1] - lam[0])).astype(np.int64)
+
+
+def _check_distinct(idx, what, remedy):
+    if np.any(np.diff(idx) <= 0):
+        raise ValueError(f"{what} puts two time steps on the same point of the EMS grid (n = {idx[-1]} intervals; "
+                         f"indexes {idx.tolist()}): {remedy}")
+    return idx
+
+
 def v3_indexes(schedule: NoiseSchedule, ems: EMS, steps: int, skip_type: str = "logSNR") -> np.ndarray:
     """The ``steps + 1`` grid indices of the time steps: the ``skip_type`` grid between the
     EMS grid's end points, snapped to the nearest EMS lambda (``round(n (lambda - lambda_0) /
@@ -124,21 +138,14 @@ def v3_indexes(schedule: NoiseSchedule, ems: EMS, steps: int, skip_type: str = "
     lam = np.asarray(ems.lambdas, np.float64)
     n = lam.shape[0] - 1
     if skip_type == "logSNR":
-        pos = np.linspace(0.0, n, steps + 1)
+        idx = np.rint(np.linspace(0.0, n, steps + 1)).astype(np.int64)
     else:
         t0 = schedule.inverse_lambda(jnp.asarray(lam[0], jnp.result_type(float)))
         t1 = schedule.inverse_lambda(jnp.asarray(lam[-1], jnp.result_type(float)))
         ts = _ts.time_grid(schedule, skip_type, t0, t1, steps)
-        lam_ts = np.asarray(schedule.lambda_(ts), np.float64)
-        pos = n * (lam_ts - lam[0]) / (lam[-1] - lam[0])
-    idx = np.rint(pos).astype(np.int64)
+        idx = _nearest_indexes(lam, np.asarray(schedule.lambda_(ts), np.float64))
     idx[0], idx[-1] = 0, n
-    if np.any(np.diff(idx) <= 0):
-        raise ValueError(
-            f"steps={steps} with skip_type={skip_type!r} puts two time steps on the same point of the EMS grid "
-            f"(n = {n} intervals; indexes {idx.tolist()}): use fewer steps or EMS on a finer grid"
-        )
-    return idx
+    return _check_distinct(idx, f"steps={steps} with skip_type={skip_type!r}", "use fewer steps or EMS on a finer grid")
 
 
 def v3_grid_indexes(schedule: NoiseSchedule, ems: EMS, timesteps) -> np.ndarray:
@@ -150,20 +157,16 @@ def v3_grid_indexes(schedule: NoiseSchedule, ems: EMS, timesteps) -> np.ndarray:
     if isinstance(timesteps, jax.core.Tracer):
         raise ValueError("timesteps of method='v3' must be concrete (NumPy or Python numbers): they are snapped to "
                          "EMS grid points, which fix the solver's tables")
-    ts = np.asarray(timesteps, np.float64)
     lam = np.asarray(ems.lambdas, np.float64)
-    n = lam.shape[0] - 1
-    lam_ts = np.asarray(schedule.lambda_(jnp.asarray(ts, jnp.result_type(float))), np.float64)
-    idx = np.rint(n * (lam_ts - lam[0]) / (lam[-1] - lam[0])).astype(np.int64)
-    if idx[0] != 0 or idx[-1] != n:
+    ts = jnp.asarray(np.asarray(timesteps, np.float64), jnp.result_type(float))
+    lam_ts = np.asarray(schedule.lambda_(ts), np.float64)
+    idx = _nearest_indexes(lam, lam_ts)
+    if idx[0] != 0 or idx[-1] != lam.shape[0] - 1:
         raise ValueError(
             f"timesteps of method='v3' must start and end at the EMS grid's ends (lambda {lam[0]:.4g} and "
             f"{lam[-1]:.4g}, within half a grid interval); got lambdas {lam_ts[0]:.4g} and {lam_ts[-1]:.4g}"
         )
-    if np.any(np.diff(idx) <= 0):
-        raise ValueError(f"timesteps put two time steps on the same point of the EMS grid (n = {n} intervals; "
-                         f"indexes {idx.tolist()}): use EMS on a finer grid")
-    return idx
+    return _check_distinct(idx, "timesteps", "use EMS on a finer grid")
 
 
 # --------------------------------------------------------------------------- the table
