@@ -86,6 +86,40 @@ def make_problems(jnp, dpmjax):
     ]
 
 
+def mixture_model(schedule, mixtures, jnp):
+    """``(model_fn, bounds)``: the exact noise predictors of ``mixtures`` side by side (the
+    state concatenates their coordinates; problem ``j`` is ``x[:, bounds[j]:bounds[j + 1]]``)."""
+    bounds = np.cumsum([0, *[gm.dim for gm in mixtures]])
+
+    def model_fn(params, x, t_model):
+        t = schedule.solver_time(t_model)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        parts = [gm.eps(x[:, a:b], alpha, sigma) for gm, a, b in zip(params, bounds[:-1], bounds[1:])]
+        return jnp.concatenate(parts, axis=-1)
+
+    return model_fn, bounds
+
+
+def rms_per_problem(x, ref, bounds):
+    """The RMS over samples and coordinates of ``x - ref``, one per problem."""
+    d = np.asarray(x - ref)
+    return [float(np.sqrt(np.mean(d[:, a:b] ** 2))) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def mixture_ems(jax, dpmjax, model_fn, mixtures, schedule, n_lambdas, n_samples):
+    """``(ems, seconds)``: DPM-Solver-v3's statistics of the side-by-side mixtures from
+    ``n_samples`` data samples of each on ``n_lambdas`` lambdas (compilation included).
+    Every statistic is per dimension and the problems' coordinates do not interact, so
+    each block gets the statistics it would get alone."""
+    keys = jax.random.split(jax.random.key(7), len(mixtures))
+    data = jax.numpy.concatenate([gm.sample(k, n_samples) for gm, k in zip(mixtures, keys)], axis=1)
+    t0 = time.perf_counter()
+    ems = jax.block_until_ready(dpmjax.compute_ems(
+        model_fn, mixtures, jax.random.key(3), data.shape[1:], schedule=schedule, data=data, n_lambdas=n_lambdas,
+        batch_size=min(n_samples, 1024)))
+    return ems, time.perf_counter() - t0
+
+
 def make_schedule(name, dpmjax):
     if name == "VPLinear":
         return dpmjax.VPLinear()
@@ -117,15 +151,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None, em
     schedule = make_schedule(schedule_name, dpmjax)
     problems = make_problems(jnp, dpmjax)
     mixtures = tuple(gm for _, gm in problems)
-    dims = [gm.dim for gm in mixtures]
-    bounds = np.cumsum([0, *dims])
-
-    def model_fn(params, x, t_model):
-        t = schedule.solver_time(t_model)
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        parts = [gm.eps(x[:, a:b], alpha, sigma) for gm, a, b in zip(params, bounds[:-1], bounds[1:])]
-        return jnp.concatenate(parts, axis=-1)
-
+    model_fn, bounds = mixture_model(schedule, mixtures, jnp)
     x_T = jax.random.normal(jax.random.key(42), (batch, int(bounds[-1])), jnp.float64)
     t_start, t_end = schedule.T, schedule.t_eps
 
@@ -135,8 +161,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None, em
         )
 
     def rms(x, ref):
-        d = np.asarray(x - ref)
-        return [float(np.sqrt(np.mean(d[:, a:b] ** 2))) for a, b in zip(bounds[:-1], bounds[1:])]
+        return rms_per_problem(x, ref, bounds)
 
     # --- generic solvers on the PF-ODE, one compilation each (grid padded, n traced).
     def drift(params, x, t):
@@ -208,13 +233,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, cache_dir, only=None, em
     if ems_lambdas and (not only or only in V3_LABEL):
         from v3_accuracy import v3_settings
 
-        keys = jax.random.split(jax.random.key(7), len(mixtures))
-        data = jnp.concatenate([gm.sample(k, ems_samples) for gm, k in zip(mixtures, keys)], axis=1)
-        t1 = time.perf_counter()
-        ems = jax.block_until_ready(dpmjax.compute_ems(
-            model_fn, mixtures, jax.random.key(3), (int(bounds[-1]),), schedule=schedule, data=data,
-            n_lambdas=ems_lambdas, batch_size=min(ems_samples, 1024)))
-        ems_time = time.perf_counter() - t1
+        ems, ems_time = mixture_ems(jax, dpmjax, model_fn, mixtures, schedule, ems_lambdas, ems_samples)
         note(f"EMS ({ems_lambdas} lambdas x {ems_samples} samples) done in {ems_time:.0f}s")
         for skip in skip_types(schedule_name):
             for nfe in nfes:

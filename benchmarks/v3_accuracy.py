@@ -51,7 +51,7 @@ import time
 
 import numpy as np
 
-from accuracy import geomean, make_problems, make_schedule, SCHEDULES
+from accuracy import SCHEDULES, geomean, make_problems, make_schedule, mixture_ems, mixture_model, rms_per_problem
 from report import provenance, write_markdown
 
 NFES = (5, 6, 8, 10)
@@ -82,14 +82,8 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, n_lambdas, ems_samples, 
     schedule = make_schedule(schedule_name, dpmjax)
     problems = make_problems(jnp, dpmjax)
     mixtures = tuple(gm for _, gm in problems)
-    bounds = np.cumsum([0, *[gm.dim for gm in mixtures]])
+    model_fn, bounds = mixture_model(schedule, mixtures, jnp)
     dim = int(bounds[-1])
-
-    def model_fn(params, x, t_model):
-        t = schedule.solver_time(t_model)
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-        parts = [gm.eps(x[:, a:b], alpha, sigma) for gm, a, b in zip(params, bounds[:-1], bounds[1:])]
-        return jnp.concatenate(parts, axis=-1)
 
     x_T = jax.random.normal(jax.random.key(42), (batch, dim), jnp.float64)
 
@@ -97,8 +91,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, n_lambdas, ems_samples, 
         return dpmjax.sample(model_fn, mixtures, None, x_T.shape, schedule=schedule, noise=x_T, steps=steps, **kw)
 
     def rms(x, ref):
-        d = np.asarray(x - ref)
-        return [float(np.sqrt(np.mean(d[:, a:b] ** 2))) for a, b in zip(bounds[:-1], bounds[1:])]
+        return rms_per_problem(x, ref, bounds)
 
     def median(x, ref):
         d = np.asarray(x - ref)
@@ -126,13 +119,7 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, n_lambdas, ems_samples, 
     check = rms(ref, ref2)
     note("reference done")
 
-    keys = jax.random.split(jax.random.key(7), len(mixtures))
-    data = jnp.concatenate([gm.sample(k, ems_samples) for gm, k in zip(mixtures, keys)], axis=1)
-    t1 = time.perf_counter()
-    ems = dpmjax.compute_ems(model_fn, mixtures, jax.random.key(3), (dim,), schedule=schedule, data=data,
-                             n_lambdas=n_lambdas, n_samples=ems_samples, batch_size=min(ems_samples, 1024))
-    jax.block_until_ready(ems)
-    ems_time = time.perf_counter() - t1
+    ems, ems_time = mixture_ems(jax, dpmjax, model_fn, mixtures, schedule, n_lambdas, ems_samples)
     note(f"EMS done ({ems_time:.1f}s)")
     degenerate = dpmjax.degenerate_ems(schedule, (dim,), n=n_lambdas - 1)
 
