@@ -59,12 +59,12 @@ def main(argv=None):
                              skip_type="logSNR", **kw)
 
     sample()
-    # the compiled program and arguments sample() dispatches (its per-configuration cache)
-    _, solver, program, _, _, unit = next(v for v in _sampler._FAST.values() if v[0] is schedule)
+    # the compiled program and arguments sample() dispatches (cached under the model function)
+    program, args = _sampler._prepare(model_fn, None, x.shape, None, schedule, None, None, "noise", None, False, None,
+                                      None, x, None, False, None, dict(steps=NFE, skip_type="logSNR", **kw))
 
     def direct():
-        return program(solver.plan, solver.start_scale, solver.end_scale, solver.prior_std, params, None, x, None,
-                       None, unit)
+        return program(args[0], params, *args[1:]).x
 
     objects = [object() for _ in range(3000)]
     array = np.ones(64 * 1024 // 8)

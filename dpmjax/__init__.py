@@ -7,11 +7,14 @@ from .analytic import GaussianMixture
 from .diffusers import from_diffusers
 from .ems import EMS, compute_ems, degenerate_ems, load_ems, save_ems
 from .fit import fit_timesteps, load_timesteps, save_timesteps
-from .models import MODEL_TYPES, dynamic_threshold, to_data, to_noise
-from .sampler import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, add_noise, invert, sample
+from .methods import (ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, Adaptive, DPMSolver, DPMSolverPP, Method,
+                      SDEDPMSolver, SDEDPMSolverPP, Singlestep, SinglestepFixed, UniPC, V3, from_keywords)
+from .models import (MODEL_TYPES, ClassifierFree, ClassifierGuidance, Thresholding, dynamic_threshold, to_data,
+                     to_noise)
+from .sampler import Solution, add_noise, invert, sample, solve
 from .solvers import Solver, SolverState, solver
 from .schedules import EDM, NoiseSchedule, RectifiedFlow, VPCosine, VPDiscrete, VPLinear, VPSchedule
-from .timesteps import SKIP_TYPES, FittedGrid, time_grid
+from .timesteps import SKIP_TYPES, FittedGrid, Grid, time_grid
 
 __version__ = "0.1.0"
 
@@ -23,6 +26,23 @@ __all__ = [
     "SOLVER_TYPES",
     "UNIPC_VARIANTS",
     "EMS",
+    "Adaptive",
+    "ClassifierFree",
+    "ClassifierGuidance",
+    "DPMSolver",
+    "DPMSolverPP",
+    "Grid",
+    "Method",
+    "SDEDPMSolver",
+    "SDEDPMSolverPP",
+    "Singlestep",
+    "SinglestepFixed",
+    "Solution",
+    "Thresholding",
+    "UniPC",
+    "V3",
+    "from_keywords",
+    "solve",
     "GaussianMixture",
     "EDM",
     "FittedGrid",

@@ -71,6 +71,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _cache
 from . import models as _models
 from .schedules import NoiseSchedule
 
@@ -176,16 +177,16 @@ def _bcast(a, x):
     return a.reshape(a.shape + (1,) * (x.ndim - a.ndim))
 
 
-def _u_fn(model_fn, params, schedule, model_type):
-    """``u(y, lambda) = e^-lambda eps(alpha y, t(lambda))`` for a batch ``y`` and a scalar lambda."""
+def _u_fn(net, schedule):
+    """``u(y, lambda) = e^-lambda eps(alpha y, t(lambda))`` for a batch ``y`` and a scalar
+    lambda, through the one model-call path ``net`` (:class:`dpmjax.models.Network`)."""
 
     def u(y, lam):
         t = schedule.inverse_lambda(lam)
-        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        alpha, sigma, sc = schedule.alpha(t), schedule.sigma(t), schedule.state_scale(t)
         x = alpha * y
         t_model = jnp.broadcast_to(schedule.model_time(t), (y.shape[0],)).astype(y.dtype)
-        out = jnp.asarray(model_fn(params, x / schedule.state_scale(t), t_model)).astype(y.dtype)
-        eps = _models.to_noise(out, x, alpha, sigma, model_type)
+        eps = _models.to_noise(net(x / sc, t_model, alpha, sigma, sc), x, alpha, sigma, net.out_type)
         return jnp.exp(-lam) * eps
 
     return u
@@ -214,13 +215,14 @@ def _batch_stats(zs, mask):
     return n, mean, m2
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _ems_rows(model_fn, model_type, which, n_samples, batch_size, params, schedule, data, key, lams, rows, l_rows, dl_rows):
+def _ems_rows(refs, static, params, schedule, data, condition, uncond, g_scale, key, lams, rows, l_rows, dl_rows):
     """Statistics at the lambdas ``lams`` (rows ``rows`` of the grid): ``which = "l"`` gives
     the mean of ``sigma v * (d eps/dx v)``; ``"sb"`` gives ``(mean f, mean f', var f,
-    cov(f, f'), scale)`` for the given ``l`` and ``l'`` rows."""
+    cov(f, f'), scale)`` for the given ``l`` and ``l'`` rows. ``condition`` and ``uncond``
+    have one entry per data point (or are ``None``)."""
+    model_fn, classifier_fn = (None if r is None else r() for r in refs)
+    model_type, kind, which, n_samples, batch_size = static
     dtype = lams.dtype
-    u_fn = _u_fn(model_fn, params, schedule, model_type)
     n_batches = -(-n_samples // batch_size)
     K = data.shape[0]
 
@@ -234,6 +236,11 @@ def _ems_rows(model_fn, model_type, which, n_samples, batch_size, params, schedu
             idx = jax.lax.dynamic_slice_in_dim(perm, b * batch_size, batch_size)
             mask = b * batch_size + jnp.arange(batch_size) < n_samples
             x0 = data[idx].astype(dtype)
+            pick = functools.partial(jax.tree_util.tree_map, lambda c: c[idx])
+            net = _models.Network(model_fn, params, None if condition is None else pick(condition), kind,
+                                  None if uncond is None else pick(uncond), jnp.asarray(g_scale, dtype), classifier_fn,
+                                  model_type, dtype)
+            u_fn = _u_fn(net, schedule)
             kb = jax.random.fold_in(k_row, b + 1)
             k_eps, k_v = jax.random.split(kb)
             eps = jax.random.normal(k_eps, x0.shape, dtype)
@@ -294,6 +301,8 @@ def compute_ems(
     schedule: NoiseSchedule,
     data,
     model_type: str = "noise",
+    condition: Any = None,
+    guidance=None,
     t_start: Optional[float] = None,
     t_end: Optional[float] = None,
     n_lambdas: int = 1201,
@@ -324,6 +333,12 @@ def compute_ems(
         statistics are expectations under the model's marginals, which noised training
         data approximates).
       model_type: the network's output type (:data:`dpmjax.MODEL_TYPES`).
+      condition: the network's condition for each data point (a pytree whose leaves have
+        the data's leading axis ``K``, e.g. the training labels); ``None`` for an
+        unconditional model.
+      guidance: ``None``, :class:`dpmjax.ClassifierFree` (its ``unconditional`` with one
+        entry per data point) or :class:`dpmjax.ClassifierGuidance`: statistics of the
+        guided model, at the guidance's scale (sample with the same guidance).
       t_start, t_end: the range of sampling the statistics are for (defaults
         ``schedule.T``, ``schedule.t_eps``); the grid is uniform in lambda between them.
         A sampler using these EMS runs on exactly this range.
@@ -351,8 +366,9 @@ def compute_ems(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    if model_type not in _models.MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {', '.join(map(repr, _models.MODEL_TYPES))}; got {model_type!r}")
+    from .solvers import check_model_type
+
+    check_model_type(model_type, schedule)
     try:
         shape = tuple(int(d) for d in shape)
     except TypeError:
@@ -379,16 +395,23 @@ def compute_ems(
     dtype = lambdas.dtype
     data = data.astype(dtype)
     rows = jnp.arange(n_lambdas, dtype=jnp.int32)
-    static = (model_fn, model_type)
+    kind = _models.check_guidance(K, condition, guidance)
+    if condition is not None:
+        for leaf in jax.tree_util.tree_leaves(condition):
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != K:
+                raise ValueError(f"condition leaves must have one entry per data point (leading axis {K}); got shape "
+                                 f"{jnp.shape(leaf)}")
+    uncond = guidance.unconditional if kind == "cfg" else None
+    scale = jnp.asarray(1.0 if guidance is None else guidance.scale, dtype)
+    refs = (model_fn, guidance.classifier_fn if kind == "classifier" else None)
 
     def run(which, l_all, dl_all, bar):
         outs = []
         for lo in range(0, n_lambdas, lambdas_per_call):
             sl = slice(lo, min(lo + lambdas_per_call, n_lambdas))
-            outs.append(
-                _ems_rows(*static, which, n_samples, batch_size, params, schedule, data, key,
-                          lambdas[sl], rows[sl], l_all[sl], dl_all[sl])
-            )
+            rows_fn = _cache.compiled(_ems_rows, refs, (model_type, kind, which, n_samples, batch_size))
+            outs.append(rows_fn(params, schedule, data, condition, uncond, scale, key, lambdas[sl], rows[sl],
+                                l_all[sl], dl_all[sl]))
             if bar is not None:
                 bar.update(sl.stop - sl.start)
         return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a, 0), *outs)

@@ -51,11 +51,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _cache
+from . import methods as _methods
 from . import models as _models
+from . import sampler as _sampler
 from . import solvers as _solvers
 from . import timesteps as _ts
 from . import updates as _up
-from .sampler import sample
+from .sampler import sample, solve
 
 __all__ = ["FittedGrid", "fit_timesteps", "save_timesteps", "load_timesteps"]
 
@@ -140,30 +143,40 @@ def _model_times_of(schedule, ts, d):
     return jnp.clip(schedule.inverse_lambda(lam), ts[-1], ts[0])
 
 
-def _loss(static, schedule, params, x_start, x_ref, ts, mts, extra):
-    model_fn, kw = static[0], dict(static[1])
-    x = sample(model_fn, params, None, x_start.shape, schedule=schedule, noise=x_start, timesteps=ts,
-               model_timesteps=mts, **kw, **extra)
+def _guidance(kind, classifier_fn, uncond, scale):
+    """The guidance object of a compiled program's arrays (``kind`` and the classifier static)."""
+    if kind == "cfg":
+        return _models.ClassifierFree(uncond, scale)
+    if kind == "classifier":
+        return _models.ClassifierGuidance(classifier_fn, scale)
+    return None
+
+
+def _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale):
+    model_fn, classifier_fn = (None if r is None else r() for r in refs)
+    method, model_type, kind = static[:3]
+    x = sample(model_fn, params, None, x_start.shape, schedule=schedule, noise=x_start, method=method,
+               grid=FittedGrid(ts, mts), model_type=model_type, condition=condition,
+               guidance=_guidance(kind, classifier_fn, uncond, scale))
     return jnp.sqrt(jnp.mean((x - x_ref) ** 2))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _start_losses(static, schedule, params, x_start, x_ref, grids, extra):
+def _start_losses(refs, static, schedule, params, x_start, x_ref, grids, condition, uncond, scale):
     """Global error of each start grid (one compiled program for all of them)."""
-    return jax.lax.map(lambda g: _loss(static, schedule, params, x_start, x_ref, g, None, extra), grids)
+    return jax.lax.map(lambda g: _loss(refs, static, schedule, params, x_start, x_ref, g, None, condition, uncond,
+                                       scale), grids)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _refine(static, iters, lr, progress, schedule, params, x_start, x_ref, u0, tau0, tau1, best0, extra):
+def _refine(refs, static, schedule, params, x_start, x_ref, u0, tau0, tau1, best0, condition, uncond, scale):
     """Adam on the global error in one ``lax.scan`` (``zero_nans`` drops non-finite
     gradients); keeps the parameters with the lowest loss seen (``best0`` is the start's)."""
-    fit_d = static[2]
+    fit_d, iters, lr, progress = static[3:]
     opt = optax.chain(optax.zero_nans(), optax.adam(lr))
 
     def loss_of(u):
         ts = _grid_of(schedule, u["u"], tau0, tau1)
         mts = _model_times_of(schedule, ts, u["d"]) if fit_d else None
-        return _loss(static, schedule, params, x_start, x_ref, ts, mts, extra)
+        return _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale)
 
     def body(carry, i):
         u, opt_state, best_loss, best_u = carry
@@ -194,23 +207,20 @@ def _progress_update(i, loss, best):
         bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{float(best):.4g}", refresh=False)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _model_outputs(static, guided, schedule, params, xs, tau, condition, uncond, scale):
-    """Converted model outputs at the candidates (solver scale), one ``lax.map``."""
-    model_fn, model_type, predict_data = static
+def _model_outputs(refs, static, schedule, params, xs, tau, condition, uncond, scale):
+    """Converted model outputs at the candidates (solver scale), one ``lax.map``, through
+    the one model-call path (condition, both guidances)."""
+    model_fn, classifier_fn = (None if r is None else r() for r in refs)
+    model_type, kind, predict_data = static
     dtype = xs.dtype
+    net = _models.Network(model_fn, params, condition, kind, uncond, jnp.asarray(scale, dtype), classifier_fn,
+                          model_type, dtype)
 
     def one(args):
         x, t = args
-        sc = schedule.state_scale(t)
-        x_in = x / sc
+        sc, alpha, sigma = schedule.state_scale(t), schedule.alpha(t), schedule.sigma(t)
         tm = jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)).astype(dtype)
-        out = model_fn(params, x_in, tm) if condition is None else model_fn(params, x_in, tm, condition)
-        if guided:
-            out_u = model_fn(params, x_in, tm, uncond)
-            out = out_u + scale * (out - out_u)
-        conv = _models.to_data if predict_data else _models.to_noise
-        return conv(jnp.asarray(out).astype(dtype), x, schedule.alpha(t), schedule.sigma(t), model_type)
+        return _models.convert(net(x / sc, tm, alpha, sigma, sc), x, alpha, sigma, net.out_type, predict_data)
 
     return jax.lax.map(one, (xs, tau))
 
@@ -223,38 +233,39 @@ def fit_timesteps(
     *,
     schedule,
     steps: int,
-    algorithm: str = "dpmsolver++",
-    method: str = "multistep",
-    order: int = 2,
-    solver_type: str = "dpmsolver",
-    variant: str = "bh2",
-    lower_order_final: bool = True,
+    method=None,
     model_type: str = "noise",
     t_start: Optional[float] = None,
     t_end: Optional[float] = None,
+    condition: Any = None,
+    guidance=None,
+    noise: Optional[jax.Array] = None,
     n_candidates: int = 40,
     fine_steps: Optional[int] = None,
-    noise: Optional[jax.Array] = None,
-    condition: Any = None,
-    unconditional_condition: Any = None,
-    guidance_scale=1.0,
     refine_iters: int = 200,
     refine_lr: float = 0.05,
     model_times: bool = True,
     return_info: bool = False,
     progress: bool = False,
+    **keywords,
 ):
     """Fit a ``steps``-step time grid to a model for one multistep or UniPC solver.
 
     Args:
-      model_fn, params, schedule, model_type, algorithm, method, order, solver_type, variant, lower_order_final, t_start, t_end, condition, unconditional_condition, guidance_scale: as in
-        :func:`dpmjax.sample` (``algorithm`` "dpmsolver++" or "dpmsolver", ``method``
-        "multistep" or "unipc"); the grid is fitted for this solver configuration (the
-        dynamic program always uses the multistep update of ``order``; for UniPC its grid
-        is one of the starting points of the refinement).
+      model_fn, params, schedule, model_type, condition, guidance: as in
+        :func:`dpmjax.sample` (guidance: :class:`dpmjax.ClassifierFree` or
+        :class:`dpmjax.ClassifierGuidance`, fitted at its scale).
+      method: the solver the grid is fitted for: :class:`dpmjax.DPMSolverPP`,
+        :class:`dpmjax.DPMSolver` or :class:`dpmjax.UniPC` (default ``DPMSolverPP()``), or the
+        authors' keywords (``method="multistep"``/``"unipc"``, ``algorithm``, ``order``,
+        ``solver_type``, ``variant``, ``lower_order_final``; and ``unconditional_condition``,
+        ``guidance_scale``, ``classifier_fn`` for the guidance). The dynamic program always
+        uses the multistep update of the method's order; for UniPC its grid is one of the
+        starting points of the refinement.
       key, shape: the reference trajectories start from ``x_T`` drawn from ``key`` with
         ``shape = (n_trajectories, ...)`` (or from ``noise``).
       steps: NFE of the grid to fit (``steps + 1`` points).
+      t_start, t_end: the interval (defaults as :class:`dpmjax.Grid`'s).
       n_candidates: number of intervals of the candidate grid (uniform in lambda).
       fine_steps: reference solver steps (order-3 multistep, a multiple of
         ``n_candidates``; default ``8 n_candidates``).
@@ -267,7 +278,7 @@ def fit_timesteps(
 
     The refinement is one compiled ``lax.scan`` of Adam steps, compiled once per
     configuration (model function, solver options, ``steps``, ``refine_iters``) and reused
-    by later calls.
+    by later calls while the model function lives.
 
     Returns:
       A :class:`dpmjax.FittedGrid`: ``timesteps``, a strictly decreasing array of
@@ -281,14 +292,28 @@ def fit_timesteps(
     Example::
 
         grid = dpmjax.fit_timesteps(model_fn, params, key, (1024, 2), schedule=schedule, steps=6)
-        x = dpmjax.sample(model_fn, params, key2, (4096, 2), schedule=schedule, steps=6, timesteps=grid)
+        x = dpmjax.sample(model_fn, params, key2, (4096, 2), schedule=schedule, grid=grid)
     """
-    if algorithm not in ("dpmsolver++", "dpmsolver"):
-        raise ValueError(f"algorithm must be 'dpmsolver++' or 'dpmsolver' for fit_timesteps; got {algorithm!r}")
-    if method not in ("multistep", "unipc"):
-        raise ValueError(f"method must be 'multistep' or 'unipc' for fit_timesteps; got {method!r}")
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
+    flat_guidance = {k: keywords.pop(k) for k in ("unconditional_condition", "guidance_scale", "classifier_fn")
+                     if k in keywords}
+    if flat_guidance:
+        if guidance is not None:
+            raise ValueError(f"give guidance either as guidance= or as {', '.join(flat_guidance)}=, not both")
+        guidance = _models.guidance_from_keywords(**flat_guidance)
+    bad = set(keywords) - {"algorithm", "order", "solver_type", "variant", "lower_order_final"}
+    if bad:
+        raise TypeError(f"fit_timesteps got unexpected keyword argument(s): {', '.join(sorted(bad))}")
+    if isinstance(method, str) and method not in ("multistep", "unipc"):
+        raise ValueError(f"method must be 'multistep' or 'unipc' for fit_timesteps; got {method!r}")
+    if keywords.get("algorithm", "dpmsolver++") not in ("dpmsolver++", "dpmsolver"):
+        raise ValueError(f"algorithm must be 'dpmsolver++' or 'dpmsolver' for fit_timesteps; got "
+                         f"{keywords['algorithm']!r}")
+    method, _, _ = _methods.resolve(method, None, None, **keywords)
+    if not isinstance(method, (_methods.DPMSolverPP, _methods.DPMSolver, _methods.UniPC)):
+        raise ValueError(f"fit_timesteps fits grids for dpmjax.DPMSolverPP, dpmjax.DPMSolver or dpmjax.UniPC; got "
+                         f"{method!r}")
     n = _solvers._integer("n_candidates", n_candidates, 2, 400)
     steps = _solvers._integer("steps", steps, 1)
     if steps > n:
@@ -301,23 +326,19 @@ def fit_timesteps(
     if refine_lr <= 0:
         raise ValueError(f"refine_lr must be > 0; got {refine_lr}")
     model_times = _solvers._boolean("model_times", model_times)
+    shape = _sampler._check_shape(shape)
+    kind = _models.check_guidance(shape[0], condition, guidance)
     # The solver the grid is fitted for (all of its checks, before any work).
-    solver_kw = dict(model_type=model_type, algorithm=algorithm, method=method, order=order, solver_type=solver_type,
-                     lower_order_final=lower_order_final, variant=variant)
-    if method == "multistep":
-        _solvers.reject_inapplicable(method, dict(variant=variant))
-        solver_kw.pop("variant")
-    else:
-        _solvers.reject_inapplicable(method, dict(solver_type=solver_type))
-        solver_kw.pop("solver_type")
-    _solvers.solver(schedule, steps=steps, skip_type="logSNR", t_start=t_start, t_end=t_end, **solver_kw)
+    _solvers.build_solver(schedule, method, _ts.Grid(steps=steps, skip_type="logSNR", t_start=t_start, t_end=t_end),
+                          model_type=_models.output_type(model_type, kind))
     ts0, ts1 = _solvers.resolve_times(schedule, t_start, t_end)
-    common = dict(schedule=schedule, model_type=model_type, t_start=ts0, t_end=ts1, noise=noise, condition=condition,
-                  unconditional_condition=unconditional_condition, guidance_scale=guidance_scale)
+    classifier_fn = guidance.classifier_fn if kind == "classifier" else None
+    refs = (model_fn, classifier_fn)
 
     # 1. Reference trajectories on a fine logSNR grid containing the candidates.
-    _, states = sample(model_fn, params, key, shape, algorithm="dpmsolver++", method="multistep", order=3,
-                       steps=fine, skip_type="logSNR", return_intermediate=True, **common)
+    states = solve(model_fn, params, key, shape, schedule=schedule, model_type=model_type, noise=noise,
+                   condition=condition, guidance=guidance, method=_methods.DPMSolverPP(order=3),
+                   grid=_ts.Grid(steps=fine, skip_type="logSNR", t_start=ts0, t_end=ts1), save_states=True).states
     if not bool(jnp.all(jnp.isfinite(states))):
         raise ValueError("the reference trajectories are not finite: model_fn returns NaN or inf on these inputs")
     dtype = states.dtype
@@ -325,14 +346,15 @@ def fit_timesteps(
     xs = states[:: fine // n]
     scale_t = jnp.asarray(schedule.state_scale(tau), dtype)
     xs_solver = xs * scale_t.reshape(scale_t.shape + (1,) * (xs.ndim - scale_t.ndim))  # user -> solver scale
-    guided = unconditional_condition is not None
-    ms = _model_outputs((model_fn, model_type, algorithm == "dpmsolver++"), guided, schedule, params,
-                        xs_solver[:-1], tau[:-1], condition, unconditional_condition,
-                        jnp.asarray(guidance_scale, dtype))
+    uncond = guidance.unconditional if kind == "cfg" else None
+    scale = jnp.asarray(1.0 if guidance is None else guidance.scale, dtype)
+    ms = _cache.compiled(_model_outputs, refs, (model_type, kind, method.predict_data))(
+        schedule, params, xs_solver[:-1], tau[:-1], condition, uncond, scale)
     G = _gram_matrix(xs_solver, ms)
     la, ls = np.asarray(schedule.log_alpha(tau), np.float64), np.asarray(schedule.log_sigma(tau), np.float64)
-    orders = _ts.multistep_orders(order, steps, lower_order_final)
-    costs = {o: _one_step_errors(G, la, ls, o, predict_data=algorithm == "dpmsolver++", solver_type=solver_type)
+    orders = _ts.multistep_orders(method.order, steps, method.lower_order_final)
+    solver_type = getattr(method, "solver_type", "dpmsolver")
+    costs = {o: _one_step_errors(G, la, ls, o, predict_data=method.predict_data, solver_type=solver_type)
              for o in sorted(set(orders))}
     path, cost = _dynamic_program(costs, orders, n + 1)
     dp_grid = tau[jnp.asarray(path)]
@@ -344,15 +366,11 @@ def fit_timesteps(
     #    weights of its lambda increments: decreasing with exact end points by construction.
     #    5. The network's times are lambda shifts from the grid's, kept inside the interval.
     x_ref, x_start = states[-1], states[0]
-    kw = dict(solver_kw, steps=steps, model_type=model_type)
-    static = (model_fn, tuple(sorted(kw.items())), model_times)
-    extra = dict(condition=condition, unconditional_condition=unconditional_condition,
-                 guidance_scale=jnp.asarray(guidance_scale, dtype) if guided else 1.0)
-    if not guided:
-        extra.pop("guidance_scale")
     names = ["dp", *_ts.SKIP_TYPES]
     grids = jnp.stack([dp_grid] + [_grid(schedule, sk, tau[0], tau[-1], steps) for sk in _ts.SKIP_TYPES])
-    losses = np.asarray(_start_losses(static, schedule, params, x_start, x_ref, grids, extra), np.float64)
+    static = (method, model_type, kind)
+    losses = np.asarray(_cache.compiled(_start_losses, refs, static)(
+        schedule, params, x_start, x_ref, grids, condition, uncond, scale), np.float64)
     start_losses = dict(zip(names, losses.tolist()))
     if refine_iters == 0:  # the dynamic program's grid, with the global errors measured
         info.update(start_losses=start_losses, start="dp", fit_loss=float(losses[0]))
@@ -369,8 +387,9 @@ def fit_timesteps(
         bar = tqdm(total=refine_iters, desc=f"fitting a {steps}-step grid", leave=False)
         _PROGRESS.append(bar)
     try:
-        best_u, best_loss = _refine(static, refine_iters, refine_lr, bool(progress), schedule, params, x_start, x_ref,
-                                    u0, tau[0], tau[-1], jnp.asarray(losses[best], dtype), extra)
+        refine = _cache.compiled(_refine, refs, static + (model_times, refine_iters, refine_lr, bool(progress)))
+        best_u, best_loss = refine(schedule, params, x_start, x_ref, u0, tau[0], tau[-1],
+                                   jnp.asarray(losses[best], dtype), condition, uncond, scale)
         best_loss = float(best_loss)
     finally:
         if bar is not None:

@@ -31,12 +31,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _cache
+from . import methods as _methods
 from . import models as _models
 from . import schedules as _schedules
 from . import timesteps as _ts
 from . import updates as _up
 from . import v3 as _v3
-from .ems import check_ems
+from .methods import ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, Method
 from .schedules import NoiseSchedule
 
 __all__ = [
@@ -49,42 +51,13 @@ __all__ = [
     "solver",
 ]
 
-ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver")
-METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "adaptive", "v3")
-SOLVER_TYPES = ("dpmsolver", "taylor", "midpoint")
-UNIPC_VARIANTS = ("bh1", "bh2")
-
 #: the methods a fixed-step :class:`Solver` implements (``"adaptive"`` is its own loop)
 FIXED_METHODS = ("multistep", "singlestep", "singlestep_fixed", "unipc", "v3")
 
 
 # --------------------------------------------------------------------------- validation
 
-
-def _choice(name, value, allowed):
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
-    return value
-
-
-def _integer(name, value, lo, hi=None):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be in {rng}; got {value}")
-    return value
-
-
-def _real(name, value):
-    return _schedules._real(None, name, value)
-
-
-def _boolean(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool; got {type(value).__name__} {value!r}")
-    return bool(value)
+_choice, _integer, _boolean, _real = _methods.choice, _methods.integer, _methods.boolean, _methods.real
 
 
 def _is_traced(v):
@@ -151,21 +124,6 @@ def check_times(name, values, schedule, length, order=None, allow_zero_end=False
                          f"{np.dtype(dtype).name}; got lambda {lam}")
 
 
-def split_grid(timesteps, model_timesteps, t_start, t_end):
-    """``(timesteps, model_timesteps)`` with a :class:`dpmjax.FittedGrid` unpacked, after
-    refusing network times given twice and a grid given together with ``t_start``/``t_end``
-    (its first and last entries are the end points)."""
-    if isinstance(timesteps, _ts.FittedGrid):
-        if timesteps.model_timesteps is not None and model_timesteps is not None:
-            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
-        timesteps, model_timesteps = timesteps.timesteps, (
-            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
-    if timesteps is not None and (t_start is not None or t_end is not None):
-        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end, "
-                         "not both")
-    return timesteps, model_timesteps
-
-
 def _min_time(schedule):
     """Smallest time the schedule may be evaluated at (``schedule.t_min``: the table's first
     knot for a discrete schedule, below which log_alpha is extrapolated), and always > 0."""
@@ -210,7 +168,9 @@ def resolve_times(schedule, t_start, t_end, names=("t_start", "t_end")):
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The static configuration of a fixed-step solver (hashable: part of a jit cache key)."""
+    """The static configuration of a fixed-step solver, as its tables are built from it
+    (hashable: the static part of a :class:`Solver` pytree). Made by :func:`make_options`
+    from a method object, a grid and the model's options."""
 
     model_type: str
     algorithm: str
@@ -221,15 +181,10 @@ class Options:
     lower_order_final: bool
     denoise_to_zero: bool
     solver_type: str
-    thresholding: bool
-    thresholding_max_val: float
-    dynamic_thresholding_ratio: float
-    sample_max_value: Optional[float]
+    thresholding: Optional[_models.Thresholding]
     variant: str
     use_corrector: tuple
     orders: tuple  # per step (multistep, unipc) or per outer step (singlestep)
-    custom_grid: bool
-    custom_model_times: bool
     # DPM-Solver-v3 only: the time steps' indexes on the EMS grid, per-step corrector orders
     # (0: none; ``orders`` holds the predictor's) and the pseudo-order flags.
     ems_indexes: tuple = ()
@@ -251,44 +206,10 @@ class Options:
         return self.steps if self.method != "singlestep_fixed" else len(self.orders) * self.order
 
 
-#: sample()'s keyword defaults of the options that apply to some methods only
-_SOLVER_DEFAULTS = dict(
-    lower_order_final=True, solver_type="dpmsolver", variant="bh2", disable_corrector=(), orders=None,
-    ems=None, use_corrector=True, p_pseudo=False, c_pseudo=True,
-)
-_APPLIES = {
-    "lower_order_final": ("multistep", "unipc", "v3"),
-    "solver_type": ("multistep", "singlestep", "singlestep_fixed", "adaptive"),
-    "variant": ("unipc",),
-    "disable_corrector": ("unipc",),
-    "orders": ("multistep", "unipc", "singlestep"),
-    "ems": ("v3",),
-    "use_corrector": ("v3",),
-    "p_pseudo": ("v3",),
-    "c_pseudo": ("v3",),
-}
-
-
-def reject_inapplicable(method, given: dict):
-    """Raise for an option that the method would ignore (given a value other than its
-    default): ``given`` maps option names to values."""
-    for name, value in given.items():
-        allowed = _APPLIES[name]
-        default = _SOLVER_DEFAULTS[name] if name in _SOLVER_DEFAULTS else None
-        same = (value == default) if not isinstance(value, (tuple, list)) else tuple(value) == tuple(default or ())
-        if method not in allowed and not same:
-            raise ValueError(f"{'ems' if name == 'ems' else f'{name}={value!r}'} does not apply to method={method!r} (it is an option of "
-                             f"{', '.join(map(repr, allowed))}); remove it")
-
-
 def _check_orders(orders, method, order, steps):
+    """Per-step orders against the number of steps (their entries were checked by the method)."""
     if orders is None:
         return None
-    if isinstance(orders, (str, bytes)) or not hasattr(orders, "__len__"):
-        raise TypeError(f"orders must be a tuple of ints; got {orders!r}")
-    orders = tuple(_integer("orders entries", o, 1, 3) for o in orders)
-    if max(orders, default=0) > order:
-        raise ValueError(f"orders must not exceed order = {order}; got {orders}")
     if method in ("multistep", "unipc"):
         if len(orders) != steps:
             raise ValueError(f"orders must have one entry per step (steps = {steps}); got {len(orders)}")
@@ -302,119 +223,92 @@ def _check_orders(orders, method, order, steps):
     return orders
 
 
-def make_options(
-    schedule, *, model_type, algorithm, method, order, steps, skip_type, lower_order_final, denoise_to_zero,
-    solver_type, thresholding, thresholding_max_val, dynamic_thresholding_ratio, variant, disable_corrector,
-    orders=None, timesteps=None, model_timesteps=None, sample_max_value=None, ems=None, use_corrector=True,
-    p_pseudo=False, c_pseudo=True,
-) -> Options:
-    """All checks of a fixed-step solver's options (before anything is traced)."""
-    v3_given = dict(ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
+def check_model_type(model_type, schedule):
+    """``model_type`` is one of :data:`dpmjax.MODEL_TYPES` and goes with ``schedule``."""
+    _choice("model_type", model_type, _models.MODEL_TYPES)
+    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
+        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
+    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
+        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
+    return model_type
+
+
+def make_options(schedule, method: Method, grid, *, model_type="noise", thresholding=None,
+                 denoise_to_zero=False) -> Options:
+    """All checks of a fixed-step solver (before anything is traced): the method object's
+    options against the grid's steps, the model type against the schedule, thresholding
+    against the algorithm."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(
             "schedule must be a dpmjax.NoiseSchedule (VPLinear, VPCosine, VPDiscrete, EDM, RectifiedFlow); "
             f"got {type(schedule).__name__}"
         )
-    _choice("model_type", model_type, _models.MODEL_TYPES)
-    _choice("algorithm", algorithm, ALGORITHMS)
-    _choice("method", method, METHODS)
-    _choice("skip_type", skip_type, _ts.SKIP_TYPES)
-    _choice("solver_type", solver_type, SOLVER_TYPES)
-    _choice("variant", variant, UNIPC_VARIANTS)
-    if method not in FIXED_METHODS:
-        raise ValueError(f"method={method!r} has no fixed table of steps; dpmjax.solver takes "
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a dpmjax method object (e.g. dpmjax.DPMSolverPP()); got "
+                        f"{type(method).__name__}")
+    if method.method not in FIXED_METHODS:
+        raise ValueError(f"method={method.method!r} has no fixed table of steps; dpmjax.solver takes "
                          f"{', '.join(map(repr, FIXED_METHODS))} (use dpmjax.sample for 'adaptive')")
-    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
-        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
-    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
-        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
-    order = _integer("order", order, 1, 3)
-    steps = _integer("steps", steps, 1, 100_000)
-    lower_order_final = _boolean("lower_order_final", lower_order_final)
+    check_model_type(model_type, schedule)
+    if isinstance(grid, _ts.Grid):
+        steps, skip_type, timesteps = grid.steps, grid.skip_type, None
+    elif isinstance(grid, _ts.FittedGrid):
+        timesteps = grid.timesteps
+        n = jnp.shape(timesteps)
+        if len(n) != 1 or n[0] < 2:
+            raise ValueError(f"timesteps must be a 1-D array of at least 2 times; got shape {tuple(n)}")
+        steps, skip_type = n[0] - 1, "time_uniform"
+        if method.method == "singlestep_fixed" and steps % method.order:
+            raise ValueError(f"timesteps of method='singlestep_fixed' with order {method.order} must have a "
+                             f"multiple of {method.order} intervals; got {steps}")
+    else:
+        raise TypeError(f"grid must be a dpmjax.Grid, a dpmjax.FittedGrid or an array of times; got "
+                        f"{type(grid).__name__}")
+    order = method.order
     denoise_to_zero = _boolean("denoise_to_zero", denoise_to_zero)
-    thresholding = _boolean("thresholding", thresholding)
-    reject_inapplicable(method, dict(lower_order_final=lower_order_final, solver_type=solver_type, variant=variant,
-                                     disable_corrector=tuple(disable_corrector) if isinstance(
-                                         disable_corrector, (tuple, list)) else disable_corrector,
-                                     orders=orders, **v3_given))
-    if method in ("multistep", "singlestep_fixed", "unipc", "v3") and steps < order:
-        raise ValueError(f"steps must be >= order for method={method!r}; got steps={steps}, order={order}")
-    max_sde = 3 if algorithm == "sde-dpmsolver++" else 2
-    if algorithm.startswith("sde-") and (method != "multistep" or order > max_sde):
-        raise ValueError(
-            f"algorithm={algorithm!r} supports method='multistep' with order 1 to {max_sde}; got method={method!r}, "
-            f"order={order}"
-        )
-    if thresholding and not algorithm.endswith("++"):
-        raise ValueError("thresholding=True needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
-    ratio = _real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"dynamic_thresholding_ratio must be a fraction in (0, 1]; got {ratio}")
-    max_val = _real("thresholding_max_val", thresholding_max_val)
-    if max_val <= 0:
-        raise ValueError(f"thresholding_max_val must be > 0; got {max_val}")
-    if sample_max_value is not None:
-        if not thresholding:
-            raise ValueError("sample_max_value (the largest threshold) needs thresholding=True")
-        sample_max_value = _real("sample_max_value", sample_max_value)
-        if sample_max_value < max_val:
-            raise ValueError(f"sample_max_value must be >= thresholding_max_val = {max_val}; got {sample_max_value}")
+    if thresholding is not None and not isinstance(thresholding, _models.Thresholding):
+        raise TypeError(f"thresholding must be None or a dpmjax.Thresholding; got {type(thresholding).__name__}")
+    if method.method in ("multistep", "singlestep_fixed", "unipc", "v3") and steps < order:
+        raise ValueError(f"steps must be >= order for method={method.method!r}; got steps={steps}, order={order}")
+    if thresholding is not None and not method.predict_data:
+        raise ValueError("thresholding needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
     # use_corrector[n]: correct the state at ts[n], i.e. step n (1-based), in row n
     # (updates.unipc_plan); n = 0 is unused and the last step (n = steps) is never corrected.
-    if isinstance(disable_corrector, (str, bytes)) or not isinstance(disable_corrector, (tuple, list, np.ndarray)):
-        raise TypeError(f"disable_corrector must be a tuple of step numbers (1-based); got {disable_corrector!r}")
     use_corrector = np.ones(steps, bool)
-    for i in disable_corrector:
-        i = _integer("disable_corrector entries", i, 1, steps)
+    for i in getattr(method, "disable_corrector", ()):
+        _integer("disable_corrector entries", i, 1, steps)
         if i < steps:
             use_corrector[i] = False
-    if orders is not None and method == "singlestep_fixed":
-        raise ValueError("orders does not apply to method='singlestep_fixed' (all its steps have order `order`)")
-    orders = _check_orders(orders, method, order, steps)
+    orders = _check_orders(getattr(method, "orders", None), method.method, order, steps)
     if orders is None:
-        if method == "multistep":
-            orders = _ts.multistep_orders(order, steps, lower_order_final)
-        elif method == "unipc":
-            orders = _ts.multistep_orders(order, steps, lower_order_final, final_below=None)
-        elif method == "singlestep":
+        if method.method == "multistep":
+            orders = _ts.multistep_orders(order, steps, method.lower_order_final)
+        elif method.method == "unipc":
+            orders = _ts.multistep_orders(order, steps, method.lower_order_final, final_below=None)
+        elif method.method == "singlestep":
             orders = _ts.singlestep_orders(order, steps)
         else:
             orders = (order,) * (steps // order)
     v3_fields = {}
-    if method == "v3":
-        orders, v3_fields, use_corrector = _v3_options(schedule, algorithm, order, steps, skip_type, lower_order_final,
-                                                       denoise_to_zero, timesteps, **v3_given)
+    if method.method == "v3":
+        if denoise_to_zero:
+            raise ValueError("denoise_to_zero does not apply to method='v3' (it ends at the EMS grid's last lambda: "
+                             "compute the EMS for the interval you sample)")
+        orders, c_orders = _v3.v3_orders(order, steps, method.lower_order_final, method.use_corrector,
+                                         method.c_pseudo)
+        idx = (_v3.v3_indexes(schedule, method.ems, steps, skip_type) if timesteps is None
+               else _v3.v3_grid_indexes(schedule, method.ems, timesteps))
+        v3_fields = dict(ems_indexes=tuple(int(i) for i in idx), corrector_orders=c_orders,
+                         p_pseudo=method.p_pseudo, c_pseudo=method.c_pseudo)
+        use_corrector = np.asarray(c_orders) > 0
     return Options(
         **v3_fields,
-        model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps, skip_type=skip_type,
-        lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero, solver_type=solver_type,
-        thresholding=thresholding, thresholding_max_val=max_val, dynamic_thresholding_ratio=ratio,
-        sample_max_value=sample_max_value, variant=variant, use_corrector=tuple(bool(u) for u in use_corrector), orders=orders,
-        custom_grid=timesteps is not None, custom_model_times=model_timesteps is not None,
+        model_type=model_type, algorithm=method.algorithm, method=method.method, order=order, steps=steps,
+        skip_type=skip_type, lower_order_final=getattr(method, "lower_order_final", True),
+        denoise_to_zero=denoise_to_zero, solver_type=getattr(method, "solver_type", "dpmsolver"),
+        thresholding=thresholding, variant=getattr(method, "variant", "bh2"),
+        use_corrector=tuple(bool(u) for u in use_corrector), orders=orders,
     )
-
-
-def _v3_options(schedule, algorithm, order, steps, skip_type, lower_order_final, denoise_to_zero, timesteps, *, ems,
-                use_corrector, p_pseudo, c_pseudo):
-    """DPM-Solver-v3's static options: ``(predictor orders, Options fields, use_corrector per step)``.
-    The time steps are snapped to the EMS grid here, on the host (concrete lambdas)."""
-    if ems is None:
-        raise ValueError("method='v3' needs ems= (its empirical model statistics: dpmjax.compute_ems, dpmjax.load_ems "
-                         "or dpmjax.degenerate_ems)")
-    check_ems(ems)
-    if algorithm != "dpmsolver++":
-        raise ValueError(f"method='v3' integrates the data prediction: it needs algorithm='dpmsolver++' (the default); "
-                         f"got algorithm={algorithm!r}")
-    if denoise_to_zero:
-        raise ValueError("denoise_to_zero does not apply to method='v3' (it ends at the EMS grid's last lambda: compute "
-                         "the EMS for the interval you sample)")
-    flags = {n: _boolean(n, v) for n, v in dict(use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo).items()}
-    p_orders, c_orders = _v3.v3_orders(order, steps, lower_order_final, flags["use_corrector"], flags["c_pseudo"])
-    idx = (_v3.v3_indexes(schedule, ems, steps, skip_type) if timesteps is None
-           else _v3.v3_grid_indexes(schedule, ems, timesteps))
-    fields = dict(ems_indexes=tuple(int(i) for i in idx), corrector_orders=c_orders, p_pseudo=flags["p_pseudo"],
-                  c_pseudo=flags["c_pseudo"])
-    return p_orders, fields, np.asarray(c_orders) > 0
 
 
 def v3_range(schedule, ems, t_start=None, t_end=None, sample_shape=None):
@@ -424,6 +318,8 @@ def v3_range(schedule, ems, t_start=None, t_end=None, sample_shape=None):
         if v is not None:
             raise ValueError(f"{name} does not apply to method='v3' (it integrates over its EMS grid, from "
                              f"ems.lambdas[0] to ems.lambdas[-1]: compute the EMS for the interval you sample); remove it")
+    from .ems import check_ems
+
     check_ems(ems, sample_shape)
     lam = np.asarray(ems.lambdas, np.float64)[[0, -1]]
     times = _eval_concrete(lambda: schedule.inverse_lambda(jnp.asarray(lam, compute_dtype())))
@@ -563,11 +459,18 @@ class Solver:
         """``(x_in, t_in)``: the network input (user scale) and its time values, shape ``(B,)``."""
         return self._inputs(state, self._row(state.i))
 
-    def step(self, state: SolverState, out, noise=None) -> SolverState:
+    def step(self, state: SolverState, out, noise=None, correcting_xt_fn=None) -> SolverState:
         """Advance by one model evaluation. ``out``: the raw network output at
         :meth:`model_inputs` (any float dtype; converted to the solver's). ``noise``: the
-        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key)."""
-        return self._advance(state, out, self._row(state.i), noise=noise)
+        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key).
+        ``correcting_xt_fn(x, t, step) -> x``: applied to the state when this evaluation
+        completes a step (user scale; ``step`` 1-based), as :func:`dpmjax.sample` does."""
+        correct = flags = None
+        if correcting_xt_fn is not None:
+            correct = _user_correcting(correcting_xt_fn)
+            flags = (jnp.asarray(self.layout.x_step, jnp.int32)[state.i],
+                     jnp.asarray(self.layout.y_step, jnp.int32)[state.i])
+        return self._advance(state, out, self._row(state.i), noise=noise, correct=correct, flags=flags)
 
     def result(self, state: SolverState):
         """The sample (user scale) after :attr:`num_evals` steps."""
@@ -630,12 +533,13 @@ class Solver:
         if p.g_p is not None:  # DPM-Solver-v3: hist[slot[r]] = g_p[r] m + g_q[r] y + g_r[r]; + rx[r], + ry[r]
             out.update(g_p=p.g_p, g_q=p.g_q, g_r=p.g_r, rx=p.rx, ry=p.ry)
         out = {k: np.asarray(v) for k, v in out.items()}
+        thr = self.options.thresholding
         out.update(
             x_step=np.asarray(self.layout.x_step, np.int32), y_step=np.asarray(self.layout.y_step, np.int32),
-            thresholding=bool(self.options.thresholding),
-            dynamic_thresholding_ratio=self.options.dynamic_thresholding_ratio,
-            thresholding_max_val=self.options.thresholding_max_val,
-            sample_max_value=float("inf") if self.options.sample_max_value is None else self.options.sample_max_value,
+            thresholding=thr is not None,
+            dynamic_thresholding_ratio=0.995 if thr is None else thr.ratio,
+            thresholding_max_val=1.0 if thr is None else thr.max_val,
+            sample_max_value=float("inf") if thr is None or thr.sample_max_value is None else thr.sample_max_value,
             model_type=self.options.model_type, algorithm=self.options.algorithm, method=self.options.method,
         )
         return out
@@ -671,12 +575,8 @@ class Solver:
             raise ValueError(f"the model output must have the shape of its input {y.shape}; got {out.shape}")
         if not jnp.issubdtype(out.dtype, jnp.floating):
             raise TypeError(f"the model output must be a float array; got dtype {out.dtype}")
-        out = out.astype(y.dtype)
-        conv = _models.to_data if o.predict_data else _models.to_noise
-        m = conv(out, y, row.alpha, row.sigma, o.model_type)
-        if o.predict_data and o.thresholding:
-            m = _models.dynamic_threshold(m, o.dynamic_thresholding_ratio, o.thresholding_max_val, o.sample_max_value)
-        return m
+        return _models.convert(out.astype(y.dtype), y, row.alpha, row.sigma, o.model_type, o.predict_data,
+                               o.thresholding)
 
     def _advance(self, state, out, row, noise=None, correct=None, flags=None):
         """One row: convert and store the model output, update ``x`` (and ``y``).
@@ -714,6 +614,20 @@ class Solver:
                 y_new = jax.lax.cond(flags[1] > 0, lambda v: correct(v, row.t_y, flags[1], row.y_scale), lambda v: v,
                                      y_new)
         return SolverState(x=x, y=y_new, hist=hist, i=state.i + 1, key=state.key)
+
+
+def _user_correcting(correcting_xt_fn):
+    """``correcting_xt_fn`` in solver scale: it sees and returns user-scale states
+    (``sc``: the state scale at ``t``, from the solver's tables)."""
+
+    def correct(x, t, step, sc):
+        out = correcting_xt_fn(x / sc, t, step)
+        if not hasattr(out, "shape") or tuple(out.shape) != tuple(x.shape):
+            raise ValueError(f"correcting_xt_fn must return an array of the state's shape {tuple(x.shape)}; got "
+                             + (f"shape {tuple(out.shape)}" if hasattr(out, "shape") else type(out).__name__))
+        return jnp.asarray(out).astype(x.dtype) * sc
+
+    return correct
 
 
 # --------------------------------------------------------------------------- builders
@@ -817,50 +731,32 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps, 
 build = jax.jit(_build, static_argnums=(0,))
 
 
-def solver(
-    schedule: NoiseSchedule,
-    *,
-    model_type: str = "noise",
-    algorithm: str = "dpmsolver++",
-    method: str = "multistep",
-    order: int = 2,
-    steps: int = 20,
-    skip_type: str = "time_uniform",
-    t_start=None,
-    t_end=None,
-    lower_order_final: bool = True,
-    denoise_to_zero: bool = False,
-    solver_type: str = "dpmsolver",
-    thresholding: bool = False,
-    thresholding_max_val: float = 1.0,
-    dynamic_thresholding_ratio: float = 0.995,
-    variant: str = "bh2",
-    disable_corrector=(),
-    timesteps=None,
-    model_timesteps=None,
-    orders=None,
-    sample_max_value=None,
-    ems=None,
-    use_corrector: bool = True,
-    p_pseudo: bool = False,
-    c_pseudo: bool = True,
-) -> Solver:
-    """A fixed-step solver for a hand-written sampling loop (the one-step API).
+def solver(schedule: NoiseSchedule, method=None, grid=None, *, model_type: str = "noise", thresholding=None,
+           denoise_to_zero: bool = False, **keywords) -> Solver:
+    """A fixed-step solver: the coefficient tables of ``method`` on ``grid`` for ``schedule``.
 
-    Takes the options of :func:`dpmjax.sample` that do not concern the model call (same
-    names, defaults and meaning; ``method`` one of ``"multistep"``, ``"singlestep"``,
-    ``"singlestep_fixed"``, ``"unipc"``, ``"v3"`` with ``ems=``). Options that do not apply
-    to ``method`` are rejected. ``orders``: per-step orders (multistep, unipc) or per-outer-step orders
-    (singlestep, summing to ``steps``) instead of the built-in rules.
+    Args:
+      schedule: a :class:`dpmjax.NoiseSchedule`.
+      method: a method object (:class:`dpmjax.DPMSolverPP`, :class:`dpmjax.UniPC`,
+        :class:`dpmjax.Singlestep`, :class:`dpmjax.V3`, ...; default ``DPMSolverPP()``).
+      grid: a :class:`dpmjax.Grid` (steps, spacing, interval; default ``Grid()``), a
+        :class:`dpmjax.FittedGrid` or an array of decreasing times.
+      model_type: what the network returns: ``"noise"``, ``"x_start"``, ``"v"``, ``"score"``,
+        ``"edm"`` (with :class:`dpmjax.EDM`) or ``"flow"`` (with :class:`dpmjax.RectifiedFlow`).
+      thresholding: ``None`` or a :class:`dpmjax.Thresholding` (data-prediction methods).
+      denoise_to_zero: one more evaluation at the end, returning its data prediction.
+      keywords: the authors' flat spelling instead of the objects (``method="unipc"``,
+        ``order=``, ``steps=``, ``skip_type=``, ``t_start=``, ``timesteps=``, ``thresholding=True``,
+        ...; see :func:`dpmjax.from_keywords`).
 
-    Returns a :class:`Solver`: its :meth:`~Solver.init`, :meth:`~Solver.model_inputs`,
+    Returns a :class:`Solver` whose :meth:`~Solver.init`, :meth:`~Solver.model_inputs`,
     :meth:`~Solver.step` and :meth:`~Solver.result` give the same sample as
-    :func:`dpmjax.sample` (to rounding); the tables are computed once here (one compiled
-    program per configuration, cached), so the loop is only the model and the updates.
+    :func:`dpmjax.sample`, which drives the same functions; pass it to
+    ``dpmjax.sample(..., solver=...)`` or run it in your own loop.
 
     Example (classifier-free guidance in a ``fori_loop``)::
 
-        solver = dpmjax.solver(schedule, steps=15, algorithm="dpmsolver++", order=2, skip_type="logSNR")
+        solver = dpmjax.solver(schedule, dpmjax.DPMSolverPP(order=2), dpmjax.Grid(steps=15, skip_type="logSNR"))
 
         @jax.jit
         def run(params, x_T, cond, uncond, scale):
@@ -870,21 +766,48 @@ def solver(
                 return solver.step(state, out_u + scale * (out_c - out_u))
             return solver.result(jax.lax.fori_loop(0, solver.num_evals, body, solver.init(x_T)))
     """
-    timesteps, model_timesteps = split_grid(timesteps, model_timesteps, t_start, t_end)
-    opts = make_options(
-        schedule, model_type=model_type, algorithm=algorithm, method=method, order=order, steps=steps,
-        skip_type=skip_type, lower_order_final=lower_order_final, denoise_to_zero=denoise_to_zero,
-        solver_type=solver_type, thresholding=thresholding, thresholding_max_val=thresholding_max_val,
-        dynamic_thresholding_ratio=dynamic_thresholding_ratio, variant=variant, disable_corrector=disable_corrector,
-        orders=orders, timesteps=timesteps, model_timesteps=model_timesteps, sample_max_value=sample_max_value,
-        ems=ems, use_corrector=use_corrector, p_pseudo=p_pseudo, c_pseudo=c_pseudo,
-    )
+    method, grid, thresholding = _methods.resolve(method, grid, thresholding, **keywords)
+    return build_solver(schedule, method, grid, model_type=model_type, thresholding=thresholding,
+                        denoise_to_zero=denoise_to_zero)
+
+
+def build_solver(schedule, method, grid, *, model_type="noise", thresholding=None, denoise_to_zero=False,
+                 direction="decreasing", sample_shape=None) -> Solver:
+    """The :class:`Solver` of method and grid objects (checked here, before anything is
+    compiled). ``direction="increasing"`` builds the ODE-encoding solver of
+    :func:`dpmjax.invert` (a :class:`dpmjax.Grid`'s ``t_start < t_end``, explicit times
+    increasing). A solver of a hashable, concrete configuration is built once per schedule
+    and reused (the schedule is held weakly: nothing outlives it)."""
+    key = None
+    if not isinstance(method, _methods.V3):
+        key = (method, grid, model_type, thresholding, denoise_to_zero, direction, jax.config.jax_enable_x64)
+        try:
+            hit = _cache.table_of(schedule).get(key)
+        except TypeError:  # arrays in the grid, or a schedule that cannot be held weakly: built every time
+            hit = key = None
+        if hit is not None:
+            return hit
+    opts = make_options(schedule, method, grid, model_type=model_type, thresholding=thresholding,
+                        denoise_to_zero=denoise_to_zero)
+    if isinstance(grid, _ts.Grid):
+        timesteps, model_timesteps, t_start, t_end = None, grid.model_timesteps, grid.t_start, grid.t_end
+    else:
+        timesteps, model_timesteps, t_start, t_end = grid.timesteps, grid.model_timesteps, None, None
     if opts.method == "v3":
-        t_start, t_end = v3_range(schedule, ems, t_start, t_end)
+        t_start, t_end = v3_range(schedule, method.ems, t_start, t_end, sample_shape)
+    elif timesteps is None and direction == "increasing":
+        # invert integrates upwards: t_start < t_end. Checked with the sampling rules (first
+        # argument the larger time) but reported under invert's own names.
+        t_end, t_start = resolve_times(schedule, schedule.T if t_end is None else t_end,
+                                       schedule.t_eps if t_start is None else t_start, names=("t_end", "t_start"))
     elif timesteps is None:
         t_start, t_end = resolve_times(schedule, t_start, t_end)
-    check_grid(opts, schedule, timesteps, model_timesteps)
-    return build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps), _host(model_timesteps), ems=ems)
+    check_grid(opts, schedule, timesteps, model_timesteps, direction)
+    out = build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps), _host(model_timesteps),
+                ems=method.ems if opts.method == "v3" else None)
+    if key is not None and not _is_traced(out):
+        _cache.table_of(schedule)[key] = out
+    return out
 
 
 def _host(v):

@@ -1,4 +1,4 @@
-"""Time grids and per-step order plans (REFERENCE.md "Time grids", "Sampling procedures").
+"""Time grids as values (:class:`Grid`, :class:`FittedGrid`) and per-step order plans.
 
 Grids are computed with ``jnp`` from (possibly traced) end points and are vectorised
 over several intervals at once, so the traced program does not grow with ``steps``.
@@ -7,6 +7,7 @@ Order plans are static Python tuples: they decide the structure of the program.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from typing import Any, NamedTuple, Optional
 
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "Grid",
     "FittedGrid",
     "SKIP_TYPES",
     "time_grid",
@@ -41,6 +43,65 @@ class FittedGrid(NamedTuple):
 
     timesteps: Any
     model_timesteps: Optional[Any] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """A built-in time grid: ``steps`` model evaluations' worth of steps spaced by
+    ``skip_type`` between ``t_start`` and ``t_end``.
+
+    Args:
+      steps: the number of steps (for most methods the number of model evaluations).
+      skip_type: ``"time_uniform"``, ``"logSNR"``, ``"time_quadratic"``, ``"karras"`` or
+        ``"edm"`` (see :func:`time_grid`).
+      t_start, t_end: the interval, ``0 < t_end < t_start <= schedule.T``; defaults
+        ``schedule.T`` and ``schedule.t_eps``. Python floats (checked to be distinct in the
+        dtype the solver computes in) or traced scalars.
+      model_timesteps: optional times (solver time), one per model evaluation, given to the
+        network instead of the evaluation's own time (Xia et al. 2024, arXiv:2310.09469).
+
+    ``steps`` and ``skip_type`` decide the program's structure (a new value compiles anew);
+    the end points are values. For explicit times, pass a :class:`FittedGrid` or an array.
+    """
+
+    steps: int = 20
+    skip_type: str = "time_uniform"
+    t_start: Any = None
+    t_end: Any = None
+    model_timesteps: Any = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise TypeError(f"steps must be an int; got {type(self.steps).__name__} {self.steps!r}")
+        if not 1 <= int(self.steps) <= 100_000:
+            raise ValueError(f"steps must be in 1..100000; got {self.steps}")
+        object.__setattr__(self, "steps", int(self.steps))
+        if not isinstance(self.skip_type, str) or self.skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type must be one of {', '.join(map(repr, SKIP_TYPES))}; got {self.skip_type!r}")
+
+
+def explicit_grid(timesteps, model_timesteps=None, *, t_start=None, t_end=None, skip_type=None, steps=None):
+    """The :class:`FittedGrid` of explicit times (a :class:`FittedGrid` or an array, and the
+    network's times), refusing what cannot go with explicit times: ``t_start``/``t_end``
+    (the grid's first and last entries are the end points), a ``skip_type`` (the times are
+    given), network times given twice, or a ``steps`` that does not match their number."""
+    if isinstance(timesteps, FittedGrid):
+        if timesteps.model_timesteps is not None and model_timesteps is not None:
+            raise ValueError("model_timesteps is given twice: in the FittedGrid passed as timesteps and as an argument")
+        timesteps, model_timesteps = timesteps.timesteps, (
+            timesteps.model_timesteps if model_timesteps is None else model_timesteps)
+    if timesteps is None:
+        return Grid(steps=20 if steps is None else steps, skip_type=skip_type or "time_uniform", t_start=t_start,
+                    t_end=t_end, model_timesteps=model_timesteps)
+    if t_start is not None or t_end is not None:
+        raise ValueError("give either timesteps (its first and last entries are the end points) or t_start/t_end, "
+                         "not both")
+    if skip_type is not None:
+        raise ValueError(f"skip_type={skip_type!r} cannot be combined with timesteps (the times are given); remove it")
+    n = jnp.shape(timesteps)
+    if steps is not None and len(n) == 1 and n[0] != steps + 1 and not isinstance(steps, bool):
+        raise ValueError(f"timesteps must have shape (steps + 1,) = ({steps + 1},); got {tuple(n)}")
+    return FittedGrid(timesteps, model_timesteps)
 
 
 def time_grid(schedule, skip_type: str, t_start, t_end, n: int):
