@@ -1,4 +1,4 @@
-"""Model parameterisations, guidance and thresholding (REFERENCE.md "Model parameterisations").
+"""Model parameterisations, guidance and thresholding (docs/algorithms.md "Model parameterisations").
 
 The solver needs either the noise prediction ``eps(x, t)`` ("dpmsolver") or the data
 prediction ``x0(x, t) = (x - sigma_t eps) / alpha_t`` ("dpmsolver++"). Each network

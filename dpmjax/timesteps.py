@@ -1,4 +1,4 @@
-"""Time grids and per-step order plans (REFERENCE.md "Time grids", "Sampling procedures").
+"""Time grids and per-step order plans (docs/algorithms.md "Time grids", "Orders per step").
 
 Grids are computed with ``jnp`` from (possibly traced) end points and are vectorised
 over several intervals at once, so the traced program does not grow with ``steps``.
