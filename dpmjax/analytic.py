@@ -47,7 +47,8 @@ class GaussianMixture:
     def gaussian(cls, mean, std):
         """A single Gaussian ``N(mean, diag(std^2))``."""
         mean = jnp.asarray(mean, jnp.result_type(float))
-        return cls(weights=jnp.ones((1,), mean.dtype), means=mean[None], stds=jnp.broadcast_to(jnp.asarray(std, mean.dtype), mean.shape)[None])
+        std = jnp.broadcast_to(jnp.asarray(std, mean.dtype), mean.shape)
+        return cls(weights=jnp.ones((1,), mean.dtype), means=mean[None], stds=std[None])
 
     @property
     def dim(self) -> int:

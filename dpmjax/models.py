@@ -1,4 +1,5 @@
-"""Model parameterisations, guidance and thresholding, and the one path from a solver to the network.
+"""Model parameterisations, guidance and thresholding, and the one path from a solver to the network
+(docs/algorithms.md "Model parameterisations").
 
 The solver needs either the noise prediction ``eps(x, t)`` ("dpmsolver") or the data
 prediction ``x0(x, t) = (x - sigma_t eps) / alpha_t`` ("dpmsolver++"). Each network

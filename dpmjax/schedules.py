@@ -11,7 +11,7 @@ A schedule describes the forward process ``x_t = alpha_t x_0 + sigma_t eps`` by
 For variance-preserving (VP) schedules ``sigma_t = sqrt(1 - alpha_t^2)`` is computed in
 log space, ``log sigma = 0.5 log(-expm1(2 log alpha))``: the naive
 ``log(1 - exp(.))`` loses ~1e-4 absolute in float32 at t = 1e-3 and far more below
-(DPM-Solver, Lu et al. 2022, App. D; REFERENCE.md "Noise schedules").
+(DPM-Solver, Lu et al. 2022, arXiv:2206.00927, App. D; docs/algorithms.md "Noise schedules").
 
 Scalar hyper-parameters are static (they fix ``T`` and are validated eagerly); the
 tables of :class:`VPDiscrete` are array leaves, so a schedule can be passed into
@@ -556,7 +556,7 @@ class VPDiscrete(VPSchedule):
         return _interp(log_alpha, self.log_alphas[::-1], self.t_knots[::-1])
 
     def model_time(self, t):
-        """The training-step index ``t N - 1`` (REFERENCE.md: deliberate, right for any N)."""
+        """The training-step index ``t N - 1`` (deliberate, right for any N: docs/algorithms.md "Noise schedules")."""
         return t * self.N - 1.0
 
     def solver_time(self, t_model):

@@ -692,8 +692,8 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps, 
     t_start, t_end = jnp.asarray(t_start, dtype), jnp.asarray(t_end, dtype)
     kw = dict(predict_data=opts.predict_data)
     if opts.method == "v3":
-        plan, layout = _v3.solver_plan(schedule, ems, opts.ems_indexes, opts.orders, opts.corrector_orders,
-                                       p_pseudo=opts.p_pseudo, c_pseudo=opts.c_pseudo)
+        plan, layout = _v3.v3_plan(schedule, ems, opts.ems_indexes, opts.orders, opts.corrector_orders,
+                                   p_pseudo=opts.p_pseudo, c_pseudo=opts.c_pseudo)
         t_start, t_end = plan.t_eval[0], plan.t_y[-1]
     elif opts.method in ("multistep", "unipc"):
         ts = timesteps if timesteps is not None else _ts.time_grid(schedule, opts.skip_type, t_start, t_end, opts.steps)

@@ -1,4 +1,5 @@
-"""Time grids as values (:class:`Grid`, :class:`FittedGrid`) and per-step order plans.
+"""Time grids as values (:class:`Grid`, :class:`FittedGrid`) and per-step order plans
+(docs/algorithms.md "Time grids", "Orders per step").
 
 Grids are computed with ``jnp`` from (possibly traced) end points and are vectorised
 over several intervals at once, so the traced program does not grow with ``steps``.
@@ -182,7 +183,9 @@ def _check_grid_args(schedule, skip_type, t_start, t_end, n) -> None:
         raise ValueError(f"t_start must be > t_end (the grid decreases); got t_start={t_start}, t_end={t_end}")
 
 
-def multistep_orders(order: int, steps: int, lower_order_final: bool, final_below: Optional[int] = 10) -> tuple[int, ...]:
+def multistep_orders(
+    order: int, steps: int, lower_order_final: bool, final_below: Optional[int] = 10
+) -> tuple[int, ...]:
     """Order of each multistep step (1-based ``i``): warm-up ``min(i, order)``; with
     ``lower_order_final`` (and ``steps < final_below``, unless that is ``None``), also at
     most ``steps + 1 - i``.

@@ -20,7 +20,8 @@ for its prediction. A final grid point ``t = 0`` (sigma = 0, the clean data) is 
 the step to it is the first-order update's limit (see :func:`zero_limit`), and no
 schedule is ever evaluated at ``t = 0``.
 
-Notation (REFERENCE.md; Lu et al. 2022, 2022b; Zhao et al. 2023). A step goes from
+Notation (docs/algorithms.md "Notation"; Lu et al. 2022, arXiv:2206.00927; 2022b,
+arXiv:2211.01095; Zhao et al. 2023, arXiv:2302.04867). A step goes from
 ``s`` to ``t < s`` with ``h = lambda_t - lambda_s > 0``. For data prediction
 ("dpmsolver++") ``hh = -h``, ``A = sigma_t / sigma_s``, ``c = alpha_t``; for noise
 prediction ("dpmsolver") ``hh = h``, ``A = alpha_t / alpha_s``, ``c = sigma_t``. With

@@ -2,7 +2,7 @@
 
 Use it through ``dpmjax.sample(..., method="v3", ems=ems)`` or the one-step API
 ``dpmjax.solver(schedule, method="v3", ems=ems)``: the table below becomes per-dimension
-rows of :class:`dpmjax.updates.Plan` (:func:`solver_plan`), run by the same solver step
+rows of :class:`dpmjax.updates.Plan` (:func:`v3_plan`), run by the same solver step
 as every other method. Example::
 
     ems = dpmjax.compute_ems(model_fn, params, key, (2,), schedule=schedule, data=train_data)
@@ -58,8 +58,6 @@ corrector and order-2 predictor).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,34 +67,9 @@ from . import updates as _up
 from .ems import EMS, check_ems
 from .schedules import NoiseSchedule
 
-__all__ = ["V3Plan", "v3_indexes", "v3_orders", "v3_plan", "solver_plan", "V3_SKIP_TYPES"]
+__all__ = ["v3_indexes", "v3_orders", "v3_plan", "V3_SKIP_TYPES"]
 
 V3_SKIP_TYPES = ("logSNR", "time_uniform", "time_quadratic", "karras")
-
-
-class V3Plan(NamedTuple):
-    """Scan inputs of DPM-Solver-v3, one row per model evaluation (iteration ``n``).
-
-    Coefficient arrays have shape ``(steps, *sample_shape)`` (``(steps, K, *sample_shape)``
-    for the history weights) and broadcast against a batch ``(B, *sample_shape)``.
-
-    Iteration ``n``: ``m = x0(x_cur, t_eval[n])``; ``hist[slot[n]] = p m + q x_cur + r``;
-    ``x_cur = ax x_prev + bx x_cur + sum_k cx[k] hist[k] + rx`` (corrector; identity when off);
-    ``x_next = ay x_cur + sum_k cy[k] hist[k] + ry`` (predictor). Carry ``(x_cur, x_next)``.
-    """
-
-    t_eval: Any  # (steps,)
-    slot: Any  # (steps,) int32
-    p: Any
-    q: Any
-    r: Any
-    ax: Any
-    bx: Any
-    cx: Any
-    rx: Any
-    ay: Any
-    cy: Any
-    ry: Any
 
 
 def v3_orders(order: int, steps: int, lower_order_final: bool, use_corrector: bool, c_pseudo: bool):
@@ -234,14 +207,12 @@ def _segments(schedule, ems, idx, max_power):
     def trap(y):
         return jnp.sum(0.5 * dlw * (y[:, 1:] + y[:, :-1]), axis=1)
 
-    t_lam = lam[i_t]
     times = schedule.inverse_lambda(lam[idx])
     log_alpha = schedule.log_alpha(times)
     alpha_t = jnp.exp(log_alpha[1:]).reshape((-1,) + (1,) * (l.ndim - 1))
     a = jnp.exp((log_alpha[1:] - log_alpha[:-1]).reshape((-1,) + (1,) * (l.ndim - 1)) + L[i_s] - L[i_t])
     M = [alpha_t * trap(w * u**m) for m in range(max_power + 1)]
     R = alpha_t * trap(w * B[win])
-    del t_lam
     return a, M, R, (L, S, B), times, jnp.exp(log_alpha)
 
 
@@ -270,11 +241,25 @@ def _extend(v, n):
 
 
 def v3_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p_pseudo: bool = False,
-            c_pseudo: bool = True) -> V3Plan:
-    """The coefficient table of DPM-Solver-v3 on the EMS grid points ``indexes`` (``steps + 1``
-    static ints, from :func:`v3_indexes`), per-iteration predictor orders ``p_orders`` and
-    corrector orders ``c_orders`` (0: none; from :func:`v3_orders`). Pure: traceable in
-    ``ems.l/s/b`` and the schedule; see the module docstring for the formulas."""
+            c_pseudo: bool = True) -> tuple[_up.Plan, _up.Layout]:
+    """The coefficient table of DPM-Solver-v3 as the rows of a :class:`dpmjax.Solver`.
+
+    ``indexes`` are the EMS grid points of the time steps (``steps + 1`` static ints, from
+    :func:`v3_indexes`), ``p_orders`` the per-iteration predictor orders and ``c_orders`` the
+    corrector orders (0: none; both from :func:`v3_orders`). Returns ``(Plan, Layout)``
+    (:class:`dpmjax.updates.Plan` with its per-dimension rows ``g_p, g_q, g_r, rx, ry``), run by
+    the same ``step`` as every method. Pure: traceable in ``ems.l/s/b`` and the schedule; see
+    the module docstring for the formulas.
+
+    The carry is UniPC's: ``y`` is the evaluation point and ``x`` the state at the previous
+    evaluation, corrected. Row ``n`` evaluates the data prediction ``m`` at ``y`` (time
+    ``t_n``), stores ``G = g_p m + g_q y + g_r`` in ring slot ``slot[n]``, corrects
+    ``x = ax x + bx y + sum_k cx[k] G_k + rx`` (the state at ``t_n``; ``ax = 0, bx = 1``,
+    ``cx = rx = 0`` without a corrector) and predicts ``y = ay x + sum_k cy[k] G_k + ry`` at
+    ``t_{n+1}``. Coefficients have shape ``(steps, *sample_shape)`` (``(steps, K,
+    *sample_shape)`` for the history weights) and broadcast against a batch
+    ``(B, *sample_shape)``.
+    """
     idx = np.asarray(indexes, np.int64)
     steps = len(p_orders)
     if idx.shape != (steps + 1,):
@@ -297,11 +282,11 @@ def v3_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p
     l_pts = jnp.asarray(ems.l, dtype)[idx]
     shp = lambda v: jnp.reshape(v, (-1,) + (1,) * (l_pts.ndim - 1))  # noqa: E731
 
-    # Stored quantity at each evaluation point ts[n]: G = p x0 + q x + r.
+    # Stored quantity at each evaluation point ts[n]: G = g_p x0 + g_q x + g_r.
     eS = jnp.exp(-S[idx[:-1]])
-    p = -eS
-    q = eS * (1.0 - l_pts[:-1]) / shp(alphas[:-1])
-    r = -B[idx[:-1]]
+    g_p = -eS
+    g_q = eS * (1.0 - l_pts[:-1]) / shp(alphas[:-1])
+    g_r = -B[idx[:-1]]
 
     def scatter(coefs, points):
         """Weights of nodes at time-step indices ``points[j]`` (int arrays over rows) into ring slots."""
@@ -336,36 +321,10 @@ def v3_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p
         ax = jnp.zeros_like(a)
         bx = jnp.ones_like(a)
         rx = jnp.zeros_like(a)
-    return V3Plan(
-        t_eval=times[:-1],
-        slot=jnp.asarray(rows % K, jnp.int32),
-        p=p, q=q, r=r,
-        ax=ax, bx=bx, cx=cx, rx=rx,
-        ay=a, cy=cy, ry=-R,
-    )
-
-
-# --------------------------------------------------------------------------- as a solver
-
-
-def solver_plan(schedule: NoiseSchedule, ems: EMS, indexes, p_orders, c_orders, *, p_pseudo: bool = False,
-                c_pseudo: bool = True):
-    """The table of :func:`v3_plan` as the rows of a :class:`dpmjax.Solver`
-    (``(Plan, Layout)``, run by the same ``step`` as every method).
-
-    The carry is UniPC's: ``y`` is the evaluation point (``x_cur``) and ``x`` the state at
-    the previous evaluation (``x_prev``), corrected. Row ``n`` evaluates at ``t_n``, stores
-    ``G = g_p m + g_q y + g_r``, corrects ``x = ax x + bx y + sum_k cx[k] G_k + rx`` (the state
-    at ``t_n``; ``ax = 0, bx = 1`` without a corrector) and predicts
-    ``y = ay x + sum_k cy[k] G_k + ry`` at ``t_{n+1}``.
-    """
-    vp = v3_plan(schedule, ems, indexes, p_orders, c_orders, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
-    dtype = jnp.result_type(float)
-    times = schedule.inverse_lambda(jnp.asarray(ems.lambdas, dtype)[np.asarray(indexes)])
-    steps = len(p_orders)
     plan = _up.Plan(
-        t_eval=vp.t_eval, slot=vp.slot, ax=vp.ax, cx=vp.cx, t_state=vp.t_eval, bx=vp.bx, ay=vp.ay, cy=vp.cy,
-        t_y=times[1:], g_p=vp.p, g_q=vp.q, g_r=vp.r, rx=vp.rx, ry=vp.ry,
+        t_eval=times[:-1], slot=jnp.asarray(rows % K, jnp.int32),
+        ax=ax, cx=cx, t_state=times[:-1], bx=bx, ay=a, cy=cy, t_y=times[1:],
+        g_p=g_p, g_q=g_q, g_r=g_r, rx=rx, ry=-R,
     )
     # x completes step n (at t_n) in row n; y completes the last step after the last row.
     layout = _up.Layout(x_step=tuple(range(steps)), y_step=(0,) * (steps - 1) + (steps,))

@@ -1,11 +1,11 @@
-"""An independent float64 numpy reference of the samplers, written from REFERENCE.md alone.
+"""An independent float64 numpy reference of the samplers, written from docs/algorithms.md alone.
 
 Plain Python loops, one formula per line, no JAX and no import from :mod:`dpmjax`: the
 tests compare ``dpmjax.sample`` against this to ~1e-9, so a slip in the library's
 precomputed coefficient tables (``dpmjax/updates.py``) cannot hide behind the same
 slip here. Everything is float64 and every time argument is a Python float.
 
-Conventions (REFERENCE.md "Notation"): one step goes from ``s`` to ``t < s``,
+Conventions (docs/algorithms.md "Notation"): one step goes from ``s`` to ``t < s``,
 ``h = lambda_t - lambda_s > 0``; ``m`` is the model output of the kind the algorithm
 integrates (``x0`` for "dpmsolver++", ``eps`` for "dpmsolver").
 """
@@ -163,7 +163,7 @@ def gaussian_ode_solution(x, sched, t_from, t_to, mean, std):
 
 
 def time_grid(sched, skip_type, t0, t1, n):
-    """``n + 1`` times from ``t0`` down to ``t1`` (REFERENCE.md "Time grids")."""
+    """``n + 1`` times from ``t0`` down to ``t1`` (docs/algorithms.md "Time grids")."""
     if skip_type == "logSNR":
         l0, l1 = sched.lambda_(t0), sched.lambda_(t1)
         ts = [sched.inverse_lambda(l0 + (l1 - l0) * i / n) for i in range(n + 1)]
@@ -215,7 +215,7 @@ def singlestep_orders(order, steps):
 
 
 class Reference:
-    """``Reference(eps, sched, ...).sample(x_T)`` following REFERENCE.md formula by formula.
+    """``Reference(eps, sched, ...).sample(x_T)`` following docs/algorithms.md formula by formula.
 
     ``eps(x, alpha, sigma)`` is the exact noise predictor (numpy, batch-first ``x``).
     ``nfe`` counts model evaluations of the last call.
@@ -258,7 +258,7 @@ class Reference:
         self.nfe += 1
         return self.eps_fn(x, a, s)
 
-    # ---- one-step formulas (REFERENCE.md "One-step updates")
+    # ---- one-step formulas (docs/algorithms.md "DPM-Solver and DPM-Solver++", "UniPC")
     def lam(self, t):
         return self.sch.lambda_(t)
 
@@ -407,7 +407,7 @@ class Reference:
         x_t = base - c_t * B * (corr + rho_c[-1] * (m_t - m0))
         return x_t, m_t
 
-    # ---- procedures (REFERENCE.md "Sampling procedures", "UniPC")
+    # ---- procedures (docs/algorithms.md "Orders per step", "Adaptive step size", "UniPC")
     def sample(self, x_T):
         self.nfe = 0
         x = np.array(x_T, np.float64)

@@ -1,7 +1,7 @@
 """Tests of ``dpmjax.sample`` that measure the mathematics.
 
 * exact agreement (~1e-9, float64) with the independent numpy reference
-  ``tests/reference_impl.py``, written from REFERENCE.md alone;
+  ``tests/reference_impl.py``, written from docs/algorithms.md alone;
 * convergence order on a Gaussian whose probability-flow ODE is solved in closed form;
 * a Gaussian-mixture accuracy table at NFE 10/20 against a converged reference;
 * identities: order 1 is DDIM, the four parameterisations agree, guidance, thresholding,
@@ -207,7 +207,7 @@ def test_matches_reference(x64, sched_name, kw):
 
 def test_unipc_disable_corrector_skips_that_steps_corrector(x64):
     """``disable_corrector=(i,)`` skips the corrector of step i (1-based), i.e. the one that
-    corrects step i's prediction (REFERENCE.md: "No corrector on the last step" names the
+    corrects step i's prediction (docs/algorithms.md "UniPC": "No corrector on the last step" names the
     corrector by the step it corrects). Only that step changes: the result equals the
     reference with step i's corrector skipped, and differs from the default.
     """
@@ -276,7 +276,7 @@ def test_convergence_order(x64, method, order, steps, expected, algorithm, sched
       is seen up to 256 steps (and beyond, in the reference).
     * **Multistep order 3: p = 2.** This is easily attributed to the order-1 warm-up
       step. It is not the warm-up: with an *exact* warm-up the reference still converges
-      at order 2 (``test_multistep3_formula_is_second_order``). REFERENCE.md's multistep
+      at order 2 (``test_multistep3_formula_is_second_order``). The published multistep
       order-3 update (as in the authors' code) uses ``D2 = (D1_0 - D1_1)/(r0 + r1)``,
       which is ``h^2 m''/2``, with the coefficient ``phi_3`` that needs ``h^2 m''``:
       a local error of O(h^3). (Slope ~3 on time_uniform for 48..384 steps is a
@@ -331,7 +331,7 @@ def test_exact_solution_agrees_with_library(x64):
 
 
 def test_multistep3_formula_is_second_order():
-    """REFERENCE.md's multistep order-3 update converges at order 2 even from an exact warm-up.
+    """The multistep order-3 update (docs/algorithms.md "Multistep") converges at order 2 even from an exact warm-up.
 
     Pure numpy (no compilation). Replacing the first two (lower-order) steps by exact
     ODE states leaves the error unchanged, so the warm-up is not the cause; doubling

@@ -193,7 +193,7 @@ def test_v3_with_gaussian_ems_is_exact_at_first_order(x64):
 
 def _unipc_reference(x0_fn, ts, lam, alpha, sigma, x_T, p_orders, c_orders, rule):
     """UniPC (data prediction, B = expm1(-h)) as a plain loop, from the formulas of
-    REFERENCE.md: predictor UniP-p from ``p`` points, corrector UniC-k from ``k`` earlier
+    docs/algorithms.md "UniPC": predictor UniP-p from ``p`` points, corrector UniC-k from ``k`` earlier
     points and the new evaluation. ``rule="unipc"``: UniPC's rho = 1/2 for UniP-2 and UniC-1;
     ``rule="exact"``: the Vandermonde solve at every order."""
 
@@ -431,14 +431,15 @@ def test_matches_loop_reference_with_general_ems(x64, order, use_corrector, p_ps
 
 
 def _table_loop(x0_fn, plan, x_T, c_orders):
-    """The :class:`dpmjax.v3.V3Plan` table run by a plain NumPy loop (its documented
-    recurrence), independent of the solver's step: carry ``(x_prev, x_cur)``."""
+    """The v3 rows of :class:`dpmjax.updates.Plan` from :func:`dpmjax.v3.v3_plan` run by a
+    plain NumPy loop (their documented recurrence), independent of the solver's step:
+    carry ``(x_prev, x_cur)``."""
     P = jax.tree_util.tree_map(np.asarray, plan)
     K = P.cx.shape[1]
     x_prev = x_cur = np.asarray(x_T)
     hist = np.zeros((K,) + x_cur.shape)
     for n in range(P.t_eval.shape[0]):
-        hist[P.slot[n]] = P.p[n] * x0_fn(x_cur, P.t_eval[n]) + P.q[n] * x_cur + P.r[n]
+        hist[P.slot[n]] = P.g_p[n] * x0_fn(x_cur, P.t_eval[n]) + P.g_q[n] * x_cur + P.g_r[n]
         if c_orders[n]:
             x_cur = P.ax[n] * x_prev + P.bx[n] * x_cur + sum(P.cx[n, k] * hist[k] for k in range(K)) + P.rx[n]
         x_prev, x_cur = x_cur, P.ay[n] * x_cur + sum(P.cy[n, k] * hist[k] for k in range(K)) + P.ry[n]
@@ -468,7 +469,7 @@ def test_sample_v3_runs_the_v3_table(x64, order, use_corrector, p_pseudo, c_pseu
     steps = 7
     idx = v3_indexes(sched, ems, steps, skip_type)
     p, c = v3_orders(order, steps, lower_order_final, use_corrector, c_pseudo)
-    plan = v3_plan(sched, ems, idx, p, c, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
+    plan, _ = v3_plan(sched, ems, idx, p, c, p_pseudo=p_pseudo, c_pseudo=c_pseudo)
     ref = _table_loop(_x0_fn(model_fn, gm, sched), plan, x_T, c)
     x = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, method="v3", ems=ems, order=order,
                       steps=steps, skip_type=skip_type, use_corrector=use_corrector, p_pseudo=p_pseudo,
@@ -492,7 +493,7 @@ def test_v3_on_given_timesteps_snaps_them_to_the_ems_grid(x64):
     ts[0], ts[-1] = dpmjax.solvers.v3_range(sched, ems)
     assert not np.any(np.isin(np.asarray(sched.lambda_(jnp.asarray(ts[1:-1]))), lam))  # off the grid points
     p, c = v3_orders(3, steps, True, True, False)
-    plan = v3_plan(sched, ems, idx, p, c, p_pseudo=False, c_pseudo=False)
+    plan, _ = v3_plan(sched, ems, idx, p, c, p_pseudo=False, c_pseudo=False)
     ref = _table_loop(_x0_fn(model_fn, gm, sched), plan, x_T, c)
     x = dpmjax.sample(model_fn, gm, None, x_T.shape, schedule=sched, noise=x_T, method="v3", ems=ems, order=3,
                       steps=steps, timesteps=ts, c_pseudo=False)
