@@ -483,7 +483,8 @@ def _prepare(schedule, guidance, method, kw, t_start, t_end, timesteps, model_ti
     solver = None
     if method != "adaptive":
         host = _solvers._host
-        solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps), host(model_timesteps),
+        solver = _solvers.build(opts, schedule, host(t_start), host(t_end), host(timesteps),
+                                _solvers.network_times(schedule, model_timesteps),
                                 ems=kw.get("ems") if method == "v3" else None)
     out = (opts, t_start, t_end, solver, {})  # {}: the compiled programs of this configuration (_sample_jit)
     if key is not None and not _solvers._is_traced(solver):  # built inside the user's jit: not reusable
@@ -791,7 +792,8 @@ def invert(
                return_info=_solvers._boolean("return_info", return_info))
     dtype = _solvers.compute_dtype()
     scale = host(guidance_scale) if guidance != "none" else np.asarray(1.0, dtype)
-    solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps), host(model_timesteps))
+    solver = _solvers.build(opts, schedule, host(lo), host(hi), host(timesteps),
+                            _solvers.network_times(schedule, model_timesteps))
     return _sample_jit(run, model_fn, classifier_fn, correcting_xt_fn, None, solver, params, None, x0,
                        condition, unconditional_condition, scale)
 
