@@ -706,16 +706,18 @@ def _build(opts: Options, schedule, t_start, t_end, timesteps, model_timesteps, 
     else:
         t_outer, s1, s2 = _singlestep_grid(opts, schedule, t_start, t_end, timesteps)
         plan, layout = _up.singlestep_plan(schedule, t_outer, s1, s2, opts.orders, solver_type=opts.solver_type, **kw)
-    t_model = plan.t_eval if model_timesteps is None else jnp.asarray(model_timesteps, dtype)
+    # model_timesteps arrive as the network's own times (network_times: computed on the host)
+    t_model = schedule.model_time(plan.t_eval) if model_timesteps is None else model_timesteps
+    t_model = jnp.asarray(t_model, dtype)
     if opts.denoise_to_zero:
         plan = _denoise_row(plan, t_end, schedule, opts)
-        t_model = jnp.concatenate([t_model, t_end[None]])
+        t_model = jnp.concatenate([t_model, jnp.asarray(schedule.model_time(t_end), dtype)[None]])
         layout = _up.Layout(x_step=layout.x_step + (0,), y_step=layout.y_step + (0,))
     t_eval = plan.t_eval
     n = t_eval.shape[0]
     scale = lambda t: jnp.broadcast_to(jnp.asarray(schedule.state_scale(t), dtype), jnp.shape(t))  # noqa: E731
     plan = plan._replace(
-        t_model=jnp.asarray(schedule.model_time(t_model), dtype),
+        t_model=t_model,
         alpha=schedule.alpha(t_eval).astype(dtype), sigma=schedule.sigma(t_eval).astype(dtype),
         in_scale=scale(t_eval).reshape((n,)), x_scale=scale(plan.t_state).reshape((n,)),
         y_scale=None if plan.t_y is None else scale(plan.t_y).reshape((n,)),
@@ -803,11 +805,31 @@ def build_solver(schedule, method, grid, *, model_type="noise", thresholding=Non
     elif timesteps is None:
         t_start, t_end = resolve_times(schedule, t_start, t_end)
     check_grid(opts, schedule, timesteps, model_timesteps, direction)
-    out = build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps), _host(model_timesteps),
-                ems=method.ems if opts.method == "v3" else None)
+    out = build(opts, schedule, _host(t_start), _host(t_end), _host(timesteps),
+                network_times(schedule, model_timesteps), ems=method.ems if opts.method == "v3" else None)
     if key is not None and not _is_traced(out):
         _cache.table_of(schedule)[key] = out
     return out
+
+
+def network_times(schedule, model_timesteps):
+    """The network's time inputs ``schedule.model_time(model_timesteps)`` for :func:`build`.
+
+    Host values (Python, NumPy, concrete JAX arrays) are converted in float64 on the host
+    and rounded once to the compute dtype, so a time that is an integer in the network's
+    units (a training-step index) arrives as that exact integer in every dtype; through
+    ``t N - 1`` in float32 the rounding of ``t`` gives e.g. 249.99998 for 250. Traced
+    values are converted inside the trace.
+    """
+    if model_timesteps is None:
+        return None
+    if _is_traced(model_timesteps):
+        return schedule.model_time(jnp.asarray(model_timesteps, compute_dtype()))
+    with jax.ensure_compile_time_eval():
+        out = schedule.model_time(np.asarray(model_timesteps, np.float64))
+    if _is_traced(out):  # a schedule whose fields are traced (built inside the user's jit)
+        return jnp.asarray(out, compute_dtype())
+    return np.asarray(out, np.float64).astype(compute_dtype())
 
 
 def _host(v):

@@ -20,8 +20,15 @@ with the toy network (the same formula is written in jax.numpy in the tests)::
 ``W = (0.9, -0.7, 1.1, 0.5, -1.2, 0.8, 0.6, -0.9)``; the output has ``C`` channels, or
 ``2 C`` for ``variance_type="learned_range"`` (the mean and the variance halves).
 
+``MODELS`` adds the scheduler configs released models ship (``tests/data/scheduler_configs``:
+Stable Diffusion 1.5, 2.1 (v-prediction), SDXL, SD3, Flux, Wan 2.1, a DDPM model), loaded
+into a solver class as users do: ``cls.from_config(model_config, **kwargs)``, then either
+``save_config`` (the file diffusers writes, other classes' keys and metadata included, is
+what ``from_diffusers`` reads) or the model's own file read with ``scheduler=cls``.
+
 Stored per configuration ``k`` (all float64 unless said):
-``config_k`` (JSON text of ``scheduler.config`` with ``_class_name``), ``steps_k`` (int),
+``config_k`` (JSON text of ``scheduler.config`` with ``_class_name``, or of the file read),
+``scheduler_k`` (the ``scheduler=`` class, ``""`` for none), ``steps_k`` (int),
 ``mu_k`` (NaN when unused), ``x_T_k`` (the loop's starting ``x``, after
 ``init_noise_sigma``), ``model_t_k`` (the timestep values the network received),
 ``sigmas_k`` (``scheduler.sigmas`` after ``set_timesteps``), ``orders_k`` (the order
@@ -32,7 +39,8 @@ Where diffusers returns NaN (UniPC ``bh1`` ending at sigma = 0: ``0 * inf``), ``
 is its own loop ending at sigma = 1e-30 instead: the finite limit.
 EDM with ``final_sigmas_type="sigma_min"`` repeats sigma_min as the last sigma: a
 zero-length final step (identity at first order, NaN at orders 2 and 3 in diffusers).
-``FlowMatchEulerDiscreteScheduler`` entries store only ``sigmas_k`` and ``model_t_k``.
+``FlowMatchEulerDiscreteScheduler`` entries of ``CONFIGS`` store only ``sigmas_k`` and
+``model_t_k``; those of ``MODELS`` also run diffusers' Euler loop (no ``orders_k``).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ import diffusers
 torch.set_default_dtype(torch.float64)
 
 W = np.array([0.9, -0.7, 1.1, 0.5, -1.2, 0.8, 0.6, -0.9])
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "scheduler_configs")
 SHAPE = (2, 4, 4, 4)
 
 M = "DPMSolverMultistepScheduler"
@@ -115,6 +124,47 @@ CONFIGS = [
     ("inverse_order3_karras_12", I, {"solver_order": 3, "use_karras_sigmas": True}, 12),
     ("flowmatch_sd3_28", F, {"shift": 3.0}, 28),
     ("flowmatch_flux_mu_25", F, {"use_dynamic_shifting": True, "shift": 1.0}, 25, {"mu": 0.8}),
+    # short grids whose per-step orders stop below solver_order; a final step of (nearly) zero length
+    ("ms_1step", M, {}, 1),
+    ("ms_order3_2steps", M, {"solver_order": 3}, 2),
+    ("unipc_order3_2steps", U, {"solver_order": 3}, 2),
+    ("unipc_1step", U, {}, 1),
+    ("edm_sigmamin_2steps", E, {"final_sigmas_type": "sigma_min"}, 2),
+    ("edm_sigmamin_order3_3steps", E, {"final_sigmas_type": "sigma_min", "solver_order": 3}, 3),
+    ("ms_lu_sd_sigmamin_10", M, {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+                                 "use_lu_lambdas": True, "final_sigmas_type": "sigma_min"}, 10),
+    # both set: diffusers takes the Karras sigmas
+    ("ms_karras_and_lu_12", M, {"use_karras_sigmas": True, "use_lu_lambdas": True}, 12),
+    # the inverse scheduler on flow sigmas steps its sigmas downwards
+    ("inverse_flow_10", I, {"use_flow_sigmas": True, "flow_shift": 3.0, "prediction_type": "flow_prediction"}, 10),
+]
+
+# Released models' scheduler configs (tests/data/scheduler_configs/<model>.json, as the models
+# ship them), loaded the two ways a user does:
+#   "saved":     cls.from_config(model_config, **kwargs).save_config(d); the test reads d's file
+#   "scheduler": the model's file itself, from_diffusers(file, scheduler=cls), which must equal
+#                cls.from_config(model_config)
+# (name, model, class, mode, steps, from_config kwargs, extra)
+MODELS = [
+    ("sd15_dpm_saved_25", "sd15", M, "saved", 25, {}, {}),
+    ("sd15_dpm_scheduler_20", "sd15", M, "scheduler", 20, {}, {}),
+    ("sd15_unipc_saved_20", "sd15", U, "saved", 20, {}, {}),
+    ("sd15_dpm_karras_saved_15", "sd15", M, "saved", 15, {"use_karras_sigmas": True}, {}),
+    ("sd21_v_dpm_saved_20", "sd21", M, "saved", 20, {}, {}),
+    ("sd21_v_unipc_scheduler_15", "sd21", U, "scheduler", 15, {}, {}),
+    ("sdxl_dpm_karras_saved_25", "sdxl", M, "saved", 25, {"use_karras_sigmas": True}, {}),
+    ("sdxl_dpm_saved_20", "sdxl", M, "saved", 20, {}, {}),
+    ("sdxl_singlestep_scheduler_12", "sdxl", S, "scheduler", 12, {}, {}),
+    ("sd3_flowmatch_saved_28", "sd3", F, "saved", 28, {}, {}),
+    ("flux_flowmatch_saved_20", "flux", F, "saved", 20, {}, {"mu": 1.15}),
+    ("wan_unipc_saved_30", "wan21", U, "saved", 30, {}, {}),
+    ("wan_dpm_scheduler_20", "wan21", M, "scheduler", 20, {}, {}),  # UniPC's solver_type="bh2" -> midpoint
+    ("wan_dpm_saved_20", "wan21", M, "saved", 20, {}, {}),
+    ("ddpm_dpm_scheduler_10", "ddpm_cifar10", M, "scheduler", 10, {}, {}),  # variance_type="fixed_small"
+    ("ddpm_unipc_saved_10", "ddpm_cifar10", U, "saved", 10, {}, {}),
+    ("deis_unipc_scheduler_10", "deis", U, "scheduler", 10, {}, {}),  # solver_type="logrho" -> bh2
+    ("deis_dpm_sigmamin_scheduler_10", "deis_sigma_min", M, "scheduler", 10, {}, {}),  # "deis" -> dpmsolver++
+    ("dpm_midpoint_unipc_scheduler_12", "dpm_midpoint", U, "scheduler", 12, {}, {}),  # midpoint -> bh2
 ]
 
 
@@ -153,34 +203,66 @@ def _instrument(sch, orders):
         sch.multistep_uni_p_bh_update = wrapped_p
 
 
-def run(name, cls_name, overrides, steps, extra, seed):
+def model_config(model):
+    """A released model's scheduler config (``tests/data/scheduler_configs``); ``deis`` and
+    ``dpm_midpoint`` are written by diffusers itself (a DEIS scheduler's defaults; a DPM-Solver
+    config naming its solver_type)."""
+    if model in ("deis", "deis_sigma_min"):
+        # (with final_sigmas_type="zero", DPMSolverMultistepScheduler refuses algorithm_type="deis")
+        with tempfile.TemporaryDirectory() as d:
+            diffusers.DEISMultistepScheduler().save_config(d)
+            with open(os.path.join(d, "scheduler_config.json")) as f:
+                cfg = json.load(f)
+        return dict(cfg, final_sigmas_type="sigma_min") if model == "deis_sigma_min" else cfg
+    if model == "dpm_midpoint":
+        return {"_class_name": M, "solver_type": "midpoint", "algorithm_type": "dpmsolver++", "solver_order": 2}
+    with open(os.path.join(CONFIG_DIR, model + ".json")) as f:
+        return json.load(f)
+
+
+def _saved(sch):
+    """The scheduler_config.json diffusers writes for ``sch`` (read back as a dict)."""
+    with tempfile.TemporaryDirectory() as d:
+        sch.save_config(d)
+        with open(os.path.join(d, "scheduler_config.json")) as f:
+            return json.load(f)
+
+
+def run(name, cls_name, overrides, steps, extra, seed, source=None, mode=None):
     # UniPC's corrector solves a small system built at the default dtype against float32
     # sigmas; under a float64 default torch refuses it, so UniPC runs keep float32 there.
     torch.set_default_dtype(torch.float32 if cls_name == U else torch.float64)
     cls = getattr(diffusers, cls_name)
-    sch = cls.from_config(dict(overrides))
-    config = dict(sch.config)  # as the user's file has it: set_timesteps may rewrite some keys
+    if source is None:
+        sch = cls.from_config(dict(overrides))
+        config = dict(sch.config)  # as the user's file has it: set_timesteps may rewrite some keys
+        config.pop("_use_default_values", None)
+        config["_class_name"] = cls_name
+    else:
+        sch = cls.from_config(source, **overrides)
+        # "saved": the file diffusers writes (hidden keys of the source class, metadata and all);
+        # "scheduler": the model's own file, used with from_diffusers(..., scheduler=cls_name)
+        config = _saved(sch) if mode == "saved" else source
     mu = extra.get("mu")
     if mu is not None:
         sch.set_timesteps(steps, mu=mu)
     else:
         sch.set_timesteps(steps)
-    config.pop("_use_default_values", None)
-    config["_class_name"] = cls_name
     out = {
         "config": json.dumps(config),
+        "scheduler": np.array(cls_name if mode == "scheduler" else ""),
         "steps": np.int64(steps),
         "mu": np.float64(np.nan if mu is None else mu),
         "sigmas": sch.sigmas.double().numpy(),
         "model_t": sch.timesteps.double().numpy(),
     }
-    if cls_name == F:
+    if cls_name == F and source is None:
         return out
     channels = extra.get("channels", SHAPE[1])
     shape = (SHAPE[0], channels) + SHAPE[2:]
     net.learned_range = overrides.get("variance_type") == "learned_range"
     gen = np.random.default_rng(seed)
-    x = torch.from_numpy(gen.standard_normal(shape)) * float(sch.init_noise_sigma)
+    x = torch.from_numpy(gen.standard_normal(shape)) * float(getattr(sch, "init_noise_sigma", 1.0))
     out["x_T"] = x.numpy().copy()
     orders, received, noises = [], [], []
     _instrument(sch, orders)
@@ -192,23 +274,25 @@ def run(name, cls_name, overrides, steps, extra, seed):
             noise = torch.from_numpy(gen.standard_normal(shape))
             noises.append(noise.numpy())
             kwargs["variance_noise"] = noise
-        x = sch.step(net(sch.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+        x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
+        x = sch.step(net(x_in, t), t, x, **kwargs).prev_sample
     if cls_name == S:
         orders = list(sch.order_list)
     out["model_t"] = np.asarray(received, dtype=np.float64)
-    out["orders"] = np.asarray(orders, dtype=np.int64)
+    if cls_name != F:  # FlowMatch's loop is Euler: DPM-Solver++ of order 1 on a flow, exactly
+        out["orders"] = np.asarray(orders, dtype=np.int64)
     out["x_final"] = x.double().numpy()
     if not np.all(np.isfinite(out["x_final"])) and cls_name == U:
         # diffusers' UniPC with solver_type="bh1" steps to sigma = 0 as 0 * inf; the limit of
         # its own arithmetic is found by ending at sigma = 1e-30 instead of 0.
-        out["x_limit"] = _limit_run(cls, config, steps, out["x_T"])
+        out["x_limit"] = _limit_run(cls, sch.config, steps, out["x_T"])
     if sde:
         out["noise"] = np.stack(noises)
     return out
 
 
 def _limit_run(cls, config, steps, x_T):
-    sch = cls.from_config({k: v for k, v in config.items() if k != "_class_name"})
+    sch = cls.from_config({k: v for k, v in config.items() if k not in ("_class_name", "_use_default_values")})
     sch.set_timesteps(steps)
     assert float(sch.sigmas[-1]) == 0.0
     sch.sigmas[-1] = 1e-30
@@ -220,11 +304,14 @@ def _limit_run(cls, config, steps, x_T):
 
 def main(path=None):
     path = path or os.path.join(os.path.dirname(__file__), "..", "tests", "data", "diffusers_reference.npz")
-    arrays = {"diffusers_version": np.array(diffusers.__version__), "names": np.array([c[0] for c in CONFIGS])}
-    for k, entry in enumerate(CONFIGS):
-        name, cls_name, overrides, steps = entry[:4]
-        extra = entry[4] if len(entry) > 4 else {}
-        rec = run(name, cls_name, overrides, steps, extra, seed=k)
+    names = [c[0] for c in CONFIGS] + [m[0] for m in MODELS]
+    arrays = {"diffusers_version": np.array(diffusers.__version__), "torch_version": np.array(torch.__version__),
+              "names": np.array(names)}
+    jobs = [(c[0], c[1], c[2], c[3], c[4] if len(c) > 4 else {}, None, None) for c in CONFIGS]
+    jobs += [(name, cls_name, kwargs, steps, extra, model_config(model), mode)
+             for name, model, cls_name, mode, steps, kwargs, extra in MODELS]
+    for k, (name, cls_name, overrides, steps, extra, source, mode) in enumerate(jobs):
+        rec = run(name, cls_name, overrides, steps, extra, seed=k, source=source, mode=mode)
         for key, value in rec.items():
             arrays[f"{key}_{name}"] = value
         print(f"{name:28s} steps={steps:3d} orders={rec.get('orders', '-')}"
@@ -233,6 +320,9 @@ def main(path=None):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".npz")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what the user's umask gives a new file
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
     print(f"wrote {path} ({os.path.getsize(path)} bytes), diffusers {diffusers.__version__}")
