@@ -316,8 +316,8 @@ class V3(Method):
         from .ems import check_ems
 
         if self.ems is None:
-            raise ValueError("V3 needs ems= (its empirical model statistics: dpmjax.compute_ems, dpmjax.load_ems "
-                             "or dpmjax.degenerate_ems)")
+            raise ValueError("method='v3' needs ems= (dpmjax.V3(ems=...): its empirical model statistics from "
+                             "dpmjax.compute_ems, dpmjax.load_ems or dpmjax.degenerate_ems)")
         check_ems(self.ems)
         _set(self, "order", integer("order", self.order, 1, 3))
         for name in ("lower_order_final", "use_corrector", "p_pseudo", "c_pseudo"):

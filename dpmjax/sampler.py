@@ -69,7 +69,7 @@ def _check_shape(shape):
     return shape
 
 
-def _check_draw(shape, key, noise, stochastic):
+def _check_draw(shape, key, noise, stochastic, algorithm="sde-dpmsolver++"):
     """The per-call random inputs: ``noise`` of the sample shape, or a PRNG ``key``."""
     if noise is None:
         check_key("key", key)
@@ -80,7 +80,7 @@ def _check_draw(shape, key, noise, stochastic):
         if key is not None:
             check_key("key", key)
     if stochastic and key is None:
-        raise ValueError("key must be a PRNG key for a stochastic (SDE) method: it draws noise at every step")
+        raise ValueError(f"key must be a PRNG key for algorithm={algorithm!r} (it draws noise at every step)")
 
 
 def _noise_sharding(sharding, noise):
@@ -260,7 +260,7 @@ def _prepare(model_fn, key, shape, solver, schedule, method, grid, model_type, t
         solver = _solvers.build_solver(schedule, method, grid, model_type=_models.output_type(model_type, kind),
                                        thresholding=thresholding, denoise_to_zero=denoise_to_zero,
                                        sample_shape=shape[1:])
-    _check_draw(shape, key, noise, solver.options.stochastic)
+    _check_draw(shape, key, noise, solver.options.stochastic, solver.options.algorithm)
     static = (shape, model_type, kind, save_states, sharding)
     fn = _cache.compiled(_fixed_program, (model_fn, classifier_fn, correcting_xt_fn), static)
     return fn, (solver, None if noise is not None and not solver.options.stochastic else key, noise, condition,

@@ -96,7 +96,7 @@ def test_solution_holds_the_sample_states_and_statistics(problem):
     (lambda: dpmjax.DPMSolverPP(orders=(1, 3)), "orders must not exceed order"),
     (lambda: dpmjax.Adaptive(theta=1.5), r"theta .* must be in \(0, 1\]"),
     (lambda: dpmjax.Adaptive(order=1), "needs order 2 or 3"),
-    (lambda: dpmjax.V3(), "V3 needs ems="),
+    (lambda: dpmjax.V3(), "method='v3' needs ems="),
     (lambda: dpmjax.Grid(steps=0), "steps must be in"),
     (lambda: dpmjax.Grid(skip_type="uniform"), "skip_type must be one of"),
     (lambda: dpmjax.Thresholding(ratio=1.5), "dynamic_thresholding_ratio must be a fraction"),

@@ -288,10 +288,11 @@ def test_a_configuration_that_ran_still_checks_each_call(change, error, message)
 
 @pytest.mark.parametrize("schedule", [VP, DISCRETE, dpmjax.EDM()], ids=["VPLinear", "VPDiscrete", "EDM"])
 def test_a_repeated_call_skips_the_configuration_checks(schedule, monkeypatch):
-    """A repeated call with the same configuration goes straight to its kept solver and
-    program (every schedule, including VPDiscrete, whose tables are arrays): the option
-    checks and table building do not run again, and the result is the first call's."""
-    from dpmjax import sampler
+    """A repeated call with the same configuration goes straight to its kept solver
+    (every schedule, including VPDiscrete, whose tables are arrays; held under the
+    schedule): the solver's option checks and table building do not run again, and the
+    result is the first call's."""
+    from dpmjax import solvers
 
     noise = jnp.asarray(np.random.default_rng(1).standard_normal(SHAPE), jnp.float32)
     kw = dict(model_fn=zeros_model, noise=noise, steps=3, schedule=schedule)
@@ -300,7 +301,7 @@ def test_a_repeated_call_skips_the_configuration_checks(schedule, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the configuration was checked and built again")
 
-    monkeypatch.setattr(sampler, "_prepare", refuse)
+    monkeypatch.setattr(solvers, "make_options", refuse)
     np.testing.assert_array_equal(call(**kw), first)
     with pytest.raises(AssertionError, match="checked and built again"):  # a new configuration is built
         call(**dict(kw, steps=4))
