@@ -326,21 +326,21 @@ def test_unreadable_config_and_unwritable_directory(capsys, moons_run, tmp_path)
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
-    from dpmjax.train.files import atomic_write
+    from dpmjax._files import write_file
 
     target = tmp_path / "out.json"
     target.write_text("old")
 
-    def half_then_fail(tmp):
-        with open(tmp, "w") as f:
-            f.write("new, half written")
+    def half_then_fail(f):
+        f.write(b"new, half written")
+        f.flush()
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left on device") as e:
-        atomic_write(str(target), half_then_fail)
+        write_file(str(target), half_then_fail)
     assert e.value.filename == str(target)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
-    atomic_write(str(target), lambda tmp: open(tmp, "w").write("new"))
+    write_file(str(target), lambda f: f.write(b"new"))
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
     assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())
 
@@ -472,7 +472,7 @@ def test_compute_ems_then_sample_with_v3(capsys, moons_run, tmp_path):
     code, out, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--lambdas", "41", "--samples", "64",
                          "--no-progress", "--out", ems_dir)
     assert code == 0, err
-    assert sorted(os.listdir(ems_dir)) == ["l.npz", "lambdas.npy", "sb.npz"]
+    assert sorted(os.listdir(ems_dir)) == ["ems.json", "l.npz", "lambdas.npy", "sb.npz"]
     ems = dpmjax.load_ems(ems_dir)
     assert ems.l.shape == ems.s.shape == ems.b.shape == (41, 2)
     assert np.all(np.isfinite(ems.l)) and np.all(np.isfinite(ems.s)) and np.all(np.isfinite(ems.b))

@@ -253,6 +253,8 @@ class Trainer:
         if state is None:
             state = self.init_state()
         start = int(state.step)
+        if self.directory is not None:  # steps logged after the checkpoint will run again
+            ckpt.truncate_losses(self.directory, start)
         losses: dict[int, float] = {}
         pending: list[tuple[int, jax.Array]] = []
         last_saved = start if self._checkpoints is not None and start in self._checkpoints.all_steps() else None
