@@ -18,7 +18,11 @@ What the command line promises:
   refused; an existing file is replaced only when it was named with ``--out`` (not a
   default name);
 * every file is written to a temporary file in the same directory and moved into place
-  (``os.replace``), so a failed write leaves the previous file as it was;
+  (``os.replace``), so a failed write leaves the previous file as it was; the statistics of
+  ``compute-ems`` replace their directory as one unit; files get the permissions the umask
+  gives new files;
+* a command whose packages are not installed (the ``train`` and ``demo`` extras) says
+  which extra to install, in one line, before doing anything;
 * an interrupted ``train`` (Ctrl-C) saves a checkpoint first and resumes when the same
   command is run again; rerunning a finished run says so and does nothing.
 """
@@ -838,7 +842,7 @@ def _require_extras(args) -> None:
 
     Checked before any work; then quiets the logging orbax does on routine operations.
     """
-    import importlib
+    import importlib.util
 
     from absl import logging as absl_logging  # orbax logs routine notices as warnings; before importing it
 
@@ -850,8 +854,10 @@ def _require_extras(args) -> None:
     for extra in ("train", "demo"):
         for module in _EXTRA_MODULES[extra] if extra in extras else ():
             try:
-                importlib.import_module(module)
+                found = importlib.util.find_spec(module) is not None  # found, not imported (fast)
             except ImportError:
+                found = False
+            if not found:
                 missing.append(module.split(".")[0].replace("sklearn", "scikit-learn").replace(
                     "orbax", "orbax-checkpoint"))
     if missing:
@@ -882,6 +888,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except ModuleNotFoundError as e:  # an extra's module needed on a path _require_extras does not foresee
+        root = (e.name or "").split(".")[0]
+        extra = next((x for x, mods in _EXTRA_MODULES.items() if root in {m.split(".")[0] for m in mods}), None)
+        if extra is None:
+            return _internal_error(e)
+        print(f"{PROG}: error: needs {root}, which the sampler does not: pip install 'dpmjax[{extra}]'",
+              file=sys.stderr)
+        return 2
     except (OSError, ValueError, TypeError, OverflowError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2
@@ -889,11 +903,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: still one line, unless asked for the traceback
-        if os.environ.get("DPMJAX_TRACEBACK"):
-            raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {_message(e)} "
-              "(set DPMJAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    if os.environ.get("DPMJAX_TRACEBACK"):
+        raise e
+    print(f"{PROG}: internal error: {type(e).__name__}: {_message(e)} "
+          "(set DPMJAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

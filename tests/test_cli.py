@@ -639,11 +639,16 @@ def test_the_sampler_and_the_command_line_without_the_extras(tmp_path):
         "try:\n"
         "    import dpmjax.nets\n"
         "except ImportError as e:\n"
+        "    print(e)\n"
+        "try:\n"
+        "    from dpmjax.train import Trainer\n"
+        "except ImportError as e:\n"
         "    print(e)\n")
     assert code == 0, err
-    frac, loaded, nets_error = out.splitlines()
+    frac, loaded, nets_error, train_error = out.splitlines()
     assert abs(float(frac) - 0.5) < 0.05 and loaded == "[]"
-    assert "pip install 'dpmjax[train]'" in nets_error
+    assert "dpmjax.nets needs flax: pip install 'dpmjax[train]'" in nets_error
+    assert "dpmjax.train.Trainer needs flax: pip install 'dpmjax[train]'" in train_error
     cli = "from dpmjax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     cases = [(["train", "--data", "moons", "--out", str(tmp_path / "r")], "dpmjax[train]", "flax"),
              (["train", "--data", "digits", "--out", str(tmp_path / "r")], "dpmjax[demo]", "scikit-learn"),
@@ -658,3 +663,16 @@ def test_the_sampler_and_the_command_line_without_the_extras(tmp_path):
     code, out, lines = _without_extras(cli, "--help")
     assert code == 0 and "compute-ems" in out
     assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_extra_found_late_is_still_one_line(capsys, monkeypatch, tmp_path):
+    # e.g. resuming a digits run without --data (scikit-learn is imported when the data are drawn)
+    import dpmjax.cli as cli
+
+    def needs_sklearn(args):
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(cli, "_cmd_train", needs_sklearn)
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "run"))
+    assert code == 2 and error_line(err) == "dpmjax: error: needs sklearn, which the sampler does not: " \
+                                           "pip install 'dpmjax[demo]'"

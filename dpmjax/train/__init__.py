@@ -34,7 +34,14 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    try:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+    except ModuleNotFoundError as e:  # an extra that is not installed: say which
+        missing = (e.name or "").split(".")[0]
+        if missing not in ("flax", "orbax", "tqdm"):
+            raise
+        raise ImportError(f"dpmjax.train.{name} needs {missing}: pip install 'dpmjax[train]'") from e
+    value = getattr(module, name)
     globals()[name] = value
     return value
 
