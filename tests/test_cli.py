@@ -613,7 +613,7 @@ BLOCKED = ("flax", "orbax", "matplotlib", "sklearn", "tqdm")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"No module named {name!r} (blocked)")
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
         return None
 sys.meta_path.insert(0, Block())
 """
