@@ -18,7 +18,11 @@ What the command line promises:
   refused; an existing file is replaced only when it was named with ``--out`` (not a
   default name);
 * every file is written to a temporary file in the same directory and moved into place
-  (``os.replace``), so a failed write leaves the previous file as it was;
+  (``os.replace``), so a failed write leaves the previous file as it was; the statistics of
+  ``compute-ems`` replace their directory as one unit; files get the permissions the umask
+  gives new files;
+* a command whose packages are not installed (the ``train`` and ``demo`` extras) says
+  which extra to install, in one line, before doing anything;
 * an interrupted ``train`` (Ctrl-C) saves a checkpoint first and resumes when the same
   command is run again; rerunning a finished run says so and does nothing.
 """
@@ -36,6 +40,7 @@ from typing import Optional, Sequence
 
 PROG = "dpmjax"
 MAX_SEED = 2**32 - 1
+ADAPTIVE_DEFAULTS = {"rtol": 0.05, "atol": 0.0078, "max_nfe": 10000}
 
 
 class _UsageError(Exception):
@@ -166,10 +171,13 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=_positive_int, default=10, help="model evaluations (NFE)")
     sample.add_argument("--skip-type", choices=dpmjax.SKIP_TYPES, default="logSNR",
                         help="time grid (the Python API's default is time_uniform; logSNR is more accurate)")
-    sample.add_argument("--rtol", type=_positive_float, default=0.05, help="relative tolerance of --method adaptive")
-    sample.add_argument("--atol", type=_positive_float, default=0.0078, help="absolute tolerance of --method adaptive")
-    sample.add_argument("--max-nfe", type=_positive_int, default=10000,
-                        help="model evaluations --method adaptive may spend; sampling fails if it runs out")
+    sample.add_argument("--rtol", type=_positive_float, default=None,
+                        help=f"relative tolerance of --method adaptive (default: {ADAPTIVE_DEFAULTS['rtol']})")
+    sample.add_argument("--atol", type=_positive_float, default=None,
+                        help=f"absolute tolerance of --method adaptive (default: {ADAPTIVE_DEFAULTS['atol']})")
+    sample.add_argument("--max-nfe", type=_positive_int, default=None,
+                        help="model evaluations --method adaptive may spend; sampling fails if it runs out "
+                             f"(default: {ADAPTIVE_DEFAULTS['max_nfe']})")
     sample.add_argument("--guidance-scale", type=_finite_float, default=None,
                         help="classifier-free guidance scale (class-conditional models; default: 2)")
     sample.add_argument("--class", dest="class_", type=_nonnegative_int, default=None,
@@ -209,9 +217,12 @@ def _build_parser() -> argparse.ArgumentParser:
     ems.add_argument("--lambdas", type=_positive_int, default=401,
                      help="points of the uniform logSNR grid the statistics are computed on")
     ems.add_argument("--samples", type=_positive_int, default=1024, help="training-data samples they average over")
+    ems.add_argument("--smooth-dl", type=_nonnegative_int, default=5,
+                     help="half-width of the moving average applied to the derivative of l (must be < --lambdas)")
     ems.add_argument("--seed", type=_seed, default=0, help="seed of the data samples and the noise")
-    ems.add_argument("--out", default=None, help="directory to write l.npz, sb.npz and lambdas.npy into (default: "
-                     "ems, which is not overwritten if it holds statistics; a directory named with --out is)")
+    ems.add_argument("--out", default=None, help="directory the statistics are written as (l.npz, sb.npz, "
+                     "lambdas.npy, ems.json; replaced as a whole; default: ems, which is not replaced if it exists; "
+                     "a directory named with --out is, when it holds nothing but statistics)")
     ems.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -220,8 +231,9 @@ def _output_file(args, default: str, *protected: str) -> str:
     """``args.out`` (or ``default``), checked as an output file before any work."""
     from .train.files import check_output_file
 
-    check_output_file(args.out or default, explicit=args.out is not None, protected=protected)
-    return args.out or default
+    out = default if args.out is None else args.out
+    check_output_file(out, explicit=args.out is not None, protected=protected)
+    return out
 
 
 def _accepts(fn, name: str) -> bool:
@@ -239,6 +251,8 @@ def _train_config(args):
 
     from .train.files import check_output_dir
 
+    if args.out is not None and not args.out.strip():
+        raise _UsageError(f"{PROG} train: error: --out must name a directory, got {args.out!r}")
     out = args.out or (os.path.join("runs", args.data) if args.data else None)
     if out is None:
         raise _UsageError(f"{PROG} train: error: --data is required (or --out of an existing run)")
@@ -274,7 +288,11 @@ def _cmd_train(args) -> int:
     from .train.trainer import Trainer
 
     config, out = _train_config(args)
-    trainer = Trainer(config, out)
+    try:
+        trainer = Trainer(config, out)
+    except KeyboardInterrupt:
+        print(f"{PROG} train: interrupted before the first step; nothing saved", file=sys.stderr)
+        return 130
     latest = trainer.checkpoints.latest_step()
     if latest is not None and latest >= trainer.config.steps:
         trainer.close()
@@ -288,8 +306,10 @@ def _cmd_train(args) -> int:
         result = trainer.train(progress=not args.no_progress)
     except KeyboardInterrupt:
         step = trainer.checkpoints.latest_step()
-        print(f"{PROG} train: interrupted; checkpoint at step {step} in {os.path.abspath(out)}; "
-              "run the same command to resume", file=sys.stderr)
+        where = ("before the first checkpoint; nothing saved yet" if step is None
+                 else f"checkpoint at step {step} in {os.path.abspath(out)}")
+        print(f"{PROG} train: interrupted {where}; run the same command to "
+              f"{'start again' if step is None else 'resume'}", file=sys.stderr)
         return 130
     finally:
         trainer.close()
@@ -321,6 +341,13 @@ def _load_grid(path: str):
         with open(path) as f:
             doc = json.load(f)
         fitted_for = {k: doc[k] for k in SOLVER_DEFAULTS if isinstance(doc, dict) and doc.get(k) is not None}
+    allowed = {"algorithm": dpmjax.ALGORITHMS, "method": dpmjax.METHODS, "order": (1, 2, 3)}
+    for key, value in fitted_for.items():
+        if key == "order" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"--timesteps {path}: \"order\" must be one of 1, 2, 3; got {value!r}")
+        if value not in allowed[key]:
+            raise ValueError(f"--timesteps {path}: {json.dumps(key)} must be one of "
+                             f"{', '.join(map(str, allowed[key]))}; got {value!r}")
     return grid, fitted_for
 
 
@@ -376,6 +403,13 @@ def _cmd_sample(args) -> int:
     plots.check_image_path(out)
     solver, grid = _solver_settings(args)
     args.method_resolved = solver["method"]
+    given = [f"--{k.replace('_', '-')}" for k in ADAPTIVE_DEFAULTS if getattr(args, k) is not None]
+    if given and solver["method"] != "adaptive":
+        raise ValueError(f"{'/'.join(given)} only apply to --method adaptive; --method {solver['method']} takes a "
+                         "fixed number of steps (--steps)")
+    for k, v in ADAPTIVE_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     trainer, state = load_trained(args.checkpoint, step=args.step)
     trainer.close()
     ds = trainer.dataset
@@ -463,11 +497,33 @@ DEMO_V3_SOLVER = dict(method="v3", order=2, c_pseudo=False)
 DEMO_V3_EMS = dict(n_lambdas=401, samples=1024)
 
 
+def _saved_demo_grid(path: str, settings: dict):
+    """``(grid, None)`` if ``path`` holds a grid fitted with exactly ``settings``; else ``(None, why)``."""
+    import dpmjax
+
+    if not os.path.exists(path):
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            doc = json.loads(f.read().decode("utf-8"))
+        grid = dpmjax.load_timesteps(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return None, f"{path} is unreadable ({_message(e)})"
+    differ = sorted(k for k, v in settings.items() if not isinstance(doc, dict) or doc.get(k) != v)
+    if differ:
+        return None, f"{path} was fitted with other settings ({', '.join(differ)})"
+    return grid, None
+
+
 def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples: int = 4000, seed: int = 0,
              width: Optional[int] = None, depth: Optional[int] = None, batch_size: Optional[int] = None,
              progress: bool = True, log=print, fit_trajectories: int = 1024, fit_candidates: int = 40,
              fit_refine_iters: int = 200) -> dict:
     """Train (or resume) the demo model and compare the samplers; returns ``{label: result}``.
+
+    A finished run in ``out/run-DATA-STEPS`` is reused (not trained again), and so is
+    ``out/grid-6.json`` when it was fitted with the same settings to that run; the log
+    says so.
 
     Each result has ``nfe``, ``swd`` (sliced Wasserstein distance to fresh data samples),
     ``ref_err`` (mean distance to the 200-NFE reference sample from the same noise),
@@ -478,9 +534,10 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     :func:`dpmjax.fit_timesteps` to ``fit_trajectories`` reference trajectories from noise
     of their own (not the evaluation noise); ``fit_candidates`` and ``fit_refine_iters``
     are its ``n_candidates`` and ``refine_iters``. The fitted row also has
-    ``fit_seconds``, and the grid is saved to ``out/grid-6.json``. DPM-Solver-v3 order 2
-    runs at the same 6 NFE with statistics :func:`dpmjax.compute_ems` computes from 1024
-    training-data samples on 401 lambdas (its row has ``ems_seconds``).
+    ``fit_seconds`` (``None`` when the saved grid was reused), and the grid is saved to
+    ``out/grid-6.json``. DPM-Solver-v3 order 2 runs at the same 6 NFE with statistics
+    :func:`dpmjax.compute_ems` computes from 1024 training-data samples on 401 lambdas (its
+    row has ``ems_seconds``).
     """
     import jax
     import jax.numpy as jnp
@@ -488,7 +545,7 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     import dpmjax
     from .train import plots
     from .train.config import TrainConfig, default_model_spec
-    from .train.files import atomic_write, check_output_dir
+    from .train.files import check_output_dir
     from .train.metrics import sliced_wasserstein
     from .train.trainer import Trainer
 
@@ -503,12 +560,20 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     trainer = Trainer(config, run_dir)
     t0 = time.perf_counter()
     try:
-        state = trainer.train(progress=progress).state
+        latest = trainer.checkpoints.latest_step()
+        if latest is not None and latest >= train_steps:
+            state = trainer.restore(latest)
+            log(f"reusing the {model['width']}-wide, {model['depth']}-block MLP trained on {data} for {latest} steps "
+                f"in {run_dir} (delete it to train again)")
+        else:
+            result = trainer.train(progress=progress)
+            state = result.state
+            done = int(state.step) - result.start_step
+            resumed = f", resumed from step {result.start_step}" if result.start_step else ""
+            log(f"trained a {model['width']}-wide, {model['depth']}-block MLP on {data} for {done} steps{resumed} "
+                f"in {time.perf_counter() - t0:.1f}s (checkpoints: {run_dir})")
     finally:
         trainer.close()
-    train_seconds = time.perf_counter() - t0
-    log(f"trained a {model['width']}-wide, {model['depth']}-block MLP on {data} for {train_steps} steps "
-        f"in {train_seconds:.1f}s (checkpoints: {run_dir})")
 
     ds, params = trainer.dataset, state.ema_params
     shape = (samples,) + ds.shape
@@ -537,28 +602,37 @@ def run_demo(out: str, *, train_steps: int = 5000, data: str = "moons", samples:
     # A 6-NFE grid fitted to this model, on fitting noise independent of the evaluation noise.
     steps = DEMO_FIT_STEPS
     fit_noise = jax.random.normal(jax.random.key(seed + 5), (fit_trajectories,) + ds.shape)
-    t0 = time.perf_counter()
-    extra = {"progress": progress} if _accepts(dpmjax.fit_timesteps, "progress") else {}
-    grid, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
-                                      steps=steps, noise=fit_noise, n_candidates=fit_candidates,
-                                      refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER, **extra)
-    grid = jax.block_until_ready(grid)
-    fit_seconds = time.perf_counter() - t0
     grid_path = os.path.join(out, f"grid-{steps}.json")
-    atomic_write(grid_path, lambda tmp: dpmjax.save_timesteps(
-        tmp, grid, steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed, checkpoint=os.path.abspath(run_dir),
-        trajectories=fit_trajectories, n_candidates=fit_candidates, refine_iters=fit_refine_iters))
-    start_losses = info.get("start_losses", {})
-    errs = ""
-    if start_losses:
-        errs = (f"; RMS error to the fine solution on the fitting noise: logSNR {start_losses['logSNR']:.4f}, "
-                f"fitted {info['fit_loss']:.4f} (refined from the {info['start']} grid)")
-    log(f"fitted a {steps}-step grid in {fit_seconds:.1f}s ({fit_trajectories} trajectories of their own "
-        f"noise{errs}); saved to {grid_path}")
+    grid_settings = dict(steps=steps, **DEMO_FIT_SOLVER, data=data, seed=seed, checkpoint=os.path.abspath(run_dir),
+                         trainer_steps=int(state.step), trajectories=fit_trajectories, n_candidates=fit_candidates,
+                         refine_iters=fit_refine_iters)
+    grid, why = _saved_demo_grid(grid_path, grid_settings)
+    fit_seconds = None
+    if grid is not None:
+        log(f"reusing the {steps}-step grid in {grid_path}, fitted with the same settings (delete it to fit again)")
+    else:
+        if why:
+            log(f"fitting a new {steps}-step grid: {why}")
+        t0 = time.perf_counter()
+        extra = {"progress": progress} if _accepts(dpmjax.fit_timesteps, "progress") else {}
+        grid, info = dpmjax.fit_timesteps(trainer.model_fn, params, None, fit_noise.shape, schedule=trainer.schedule,
+                                          steps=steps, noise=fit_noise, n_candidates=fit_candidates,
+                                          refine_iters=fit_refine_iters, return_info=True, **DEMO_FIT_SOLVER,
+                                          **extra)
+        grid = jax.block_until_ready(grid)
+        fit_seconds = time.perf_counter() - t0
+        dpmjax.save_timesteps(grid_path, grid, **grid_settings)
+        start_losses = info.get("start_losses", {})
+        errs = ""
+        if start_losses:
+            errs = (f"; RMS error to the fine solution on the fitting noise: logSNR {start_losses['logSNR']:.4f}, "
+                    f"fitted {info['fit_loss']:.4f} (refined from the {info['start']} grid)")
+        log(f"fitted a {steps}-step grid in {fit_seconds:.1f}s ({fit_trajectories} trajectories of their own "
+            f"noise{errs}); saved to {grid_path}")
     label_log, label_fit = DEMO_FIT_LABELS
     results[label_log] = evaluate(label_log, dict(DEMO_FIT_SOLVER, steps=steps, skip_type="logSNR"))
     results[label_fit] = evaluate(label_fit, dict(DEMO_FIT_SOLVER, steps=steps, timesteps=grid))
-    results[label_fit]["fit_seconds"] = fit_seconds
+    results[label_fit]["fit_seconds"] = fit_seconds  # None: the saved grid was reused
     t0 = time.perf_counter()
     ems_data, _ = ds.sample(jax.random.key(seed + 6), DEMO_V3_EMS["samples"])
     ems = jax.block_until_ready(dpmjax.compute_ems(trainer.model_fn, params, jax.random.key(seed + 7), ds.shape,
@@ -617,7 +691,6 @@ def _cmd_fit_steps(args) -> int:
     import jax
 
     import dpmjax
-    from .train.files import atomic_write
     from .train.trainer import load_trained
 
     out = _output_file(args, "timesteps.json", args.checkpoint)
@@ -643,7 +716,7 @@ def _cmd_fit_steps(args) -> int:
                     model_times=not args.grid_only, checkpoint=os.path.abspath(args.checkpoint),
                     trajectories=args.trajectories, n_candidates=args.candidates, refine_iters=args.refine_iters,
                     seed=args.seed)
-    atomic_write(out, lambda tmp: dpmjax.save_timesteps(tmp, grid, **metadata))
+    dpmjax.save_timesteps(out, grid, **metadata)
     head = (f"wrote {out}: {args.steps}-step grid for {args.algorithm} {args.method} order {args.order} in "
             f"{seconds:.1f}s; ")
     starts = ", ".join(f"{k} {v:.4f}" for k, v in info.get("start_losses", {}).items())
@@ -658,20 +731,55 @@ def _cmd_fit_steps(args) -> int:
 # -- compute-ems ---------------------------------------------------------------------------
 
 
+EMS_OWNED = ("l.npz", "sb.npz", "lambdas.npy", "ems.json")
+
+
+def _ems_output(args) -> str:
+    """``--out`` (or ``ems``) of compute-ems, checked before any work: returns its real path.
+
+    The statistics replace the directory as a whole, so it must be missing, or a directory
+    holding nothing but statistics (and, for the default name, none yet); never the run
+    directory or a directory inside it (symbolic links resolved).
+    """
+    from .train.files import OutputError, _inside, check_output_dir
+
+    out = "ems" if args.out is None else args.out
+    if not out.strip():
+        raise OutputError(f"--out must name a directory, got {out!r}")
+    real = os.path.realpath(out)
+    if _inside(real, args.checkpoint):
+        raise OutputError(f"--out {out} is inside the run directory {os.path.realpath(args.checkpoint)}; its files "
+                          "belong to the run: write the statistics elsewhere")
+    check_output_dir(real)
+    if os.path.lexists(real):
+        if not os.path.isdir(real):
+            raise OutputError(f"--out {out} exists and is not a directory")
+        entries = os.listdir(real)
+        foreign = sorted(set(entries) - set(EMS_OWNED))
+        if foreign:
+            raise OutputError(f"--out {out} holds other files ({', '.join(foreign[:5])}); the statistics replace "
+                              "the directory as a whole: name a new or empty directory")
+        if args.out is None and entries:
+            raise OutputError(f"{out}/ already holds statistics; name it with --out to replace them, or another "
+                              "directory")
+    if args.lambdas < 3:
+        raise _UsageError(f"{PROG} compute-ems: error: --lambdas must be at least 3, got {args.lambdas}")
+    if args.samples < 2:
+        raise _UsageError(f"{PROG} compute-ems: error: --samples must be at least 2, got {args.samples}")
+    if args.smooth_dl >= args.lambdas:
+        raise _UsageError(f"{PROG} compute-ems: error: --smooth-dl ({args.smooth_dl}) must be smaller than "
+                          f"--lambdas ({args.lambdas})")
+    return real
+
+
 def _cmd_compute_ems(args) -> int:
     import jax
 
     import dpmjax
     from .train.trainer import load_trained
 
-    out = args.out or "ems"
-    run = os.path.abspath(args.checkpoint)
-    if os.path.abspath(out) == run or os.path.abspath(out).startswith(run + os.sep):
-        raise ValueError(f"--out {out} is inside the run directory {args.checkpoint}; write the statistics elsewhere")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if args.out is None and any(os.path.exists(os.path.join(out, f)) for f in ("l.npz", "sb.npz")):
-        raise ValueError(f"{out}/ already holds statistics; name a directory with --out to replace them")
+    out = _ems_output(args)
+    shown = "ems" if args.out is None else args.out
     trainer, state = load_trained(args.checkpoint)
     trainer.close()
     ds = trainer.dataset
@@ -681,13 +789,14 @@ def _cmd_compute_ems(args) -> int:
     data, _ = ds.sample(key_data, args.samples)
     t0 = time.perf_counter()
     ems = dpmjax.compute_ems(trainer.model_fn, state.ema_params, key_ems, ds.shape, schedule=trainer.schedule,
-                             data=data, n_lambdas=args.lambdas, progress=not args.no_progress)
+                             data=data, n_lambdas=args.lambdas, smooth_dl=args.smooth_dl,
+                             progress=not args.no_progress)
     ems = jax.block_until_ready(ems)
     seconds = time.perf_counter() - t0
     dpmjax.save_ems(out, ems)
-    print(f"wrote {out}/ (l.npz, sb.npz, lambdas.npy): statistics on {args.lambdas} logSNR points from "
+    print(f"wrote {shown}/ (l.npz, sb.npz, lambdas.npy, ems.json): statistics on {args.lambdas} logSNR points from "
           f"{args.samples} {ds.name} samples in {seconds:.1f}s; sample with `{PROG} sample --checkpoint "
-          f"{args.checkpoint} --method v3 --ems {out}`")
+          f"{args.checkpoint} --method v3 --ems {shown}`")
     return 0
 
 
@@ -722,6 +831,42 @@ def _quiet_event_loop_noise() -> None:
     sys.unraisablehook = hook
 
 
+# What each command imports beyond the sampler, and the extra that installs it.
+_EXTRA_MODULES = {"train": ("flax", "orbax.checkpoint", "tqdm"), "demo": ("matplotlib", "sklearn")}
+_COMMAND_EXTRAS = {"demo": ("train", "demo"), "train": ("train",), "sample": ("train", "demo"),
+                   "fit-steps": ("train",), "compute-ems": ("train",)}
+
+
+def _require_extras(args) -> None:
+    """Refuse, in one line naming the extra to install, a command whose packages are missing.
+
+    Checked before any work; then quiets the logging orbax does on routine operations.
+    """
+    import importlib.util
+
+    from absl import logging as absl_logging  # orbax logs routine notices as warnings; before importing it
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    extras = set(_COMMAND_EXTRAS[args.command])
+    if args.command == "train" and args.data == "digits":
+        extras.add("demo")  # the digits data ship with scikit-learn
+    missing = []
+    for extra in ("train", "demo"):
+        for module in _EXTRA_MODULES[extra] if extra in extras else ():
+            try:
+                found = importlib.util.find_spec(module) is not None  # found, not imported (fast)
+            except ImportError:
+                found = False
+            if not found:
+                missing.append(module.split(".")[0].replace("sklearn", "scikit-learn").replace(
+                    "orbax", "orbax-checkpoint"))
+    if missing:
+        extra = "demo" if "demo" in extras else "train"
+        raise _UsageError(f"{PROG} {args.command}: error: needs {', '.join(missing)}, which the sampler does not: "
+                          f"pip install 'dpmjax[{extra}]'")
+    _quiet_event_loop_noise()
+
+
 def _message(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:
         return f"{e.filename}: {e.strerror}"
@@ -735,35 +880,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (one line; set ``DPMJAX_TRACEBACK=1`` to see the traceback).
     """
     try:
-        from absl import logging as absl_logging  # orbax logs routine notices as warnings
-
-        absl_logging.set_verbosity(absl_logging.ERROR)
-        from .train.checkpoint import CheckpointError
-    except ImportError as e:
-        print(f"{PROG}: error: the command line needs the demo extra (pip install 'dpmjax[demo]'): {e}",
-              file=sys.stderr)
-        return 2
-    _quiet_event_loop_noise()
-    try:
         args = _build_parser().parse_args(argv)
+        _require_extras(args)
         commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps,
                     "compute-ems": _cmd_compute_ems}
         return commands[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
-    except (OSError, ValueError, TypeError, OverflowError, CheckpointError, RuntimeError) as e:
+    except ModuleNotFoundError as e:  # an extra's module needed on a path _require_extras does not foresee
+        root = (e.name or "").split(".")[0]
+        extra = next((x for x, mods in _EXTRA_MODULES.items() if root in {m.split(".")[0] for m in mods}), None)
+        if extra is None:
+            return _internal_error(e)
+        print(f"{PROG}: error: needs {root}, which the sampler does not: pip install 'dpmjax[{extra}]'",
+              file=sys.stderr)
+        return 2
+    except (OSError, ValueError, TypeError, OverflowError, RuntimeError) as e:  # CheckpointError is a RuntimeError
         print(f"{PROG}: error: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: still one line, unless asked for the traceback
-        if os.environ.get("DPMJAX_TRACEBACK"):
-            raise
-        print(f"{PROG}: internal error: {type(e).__name__}: {_message(e)} "
-              "(set DPMJAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
+
+
+def _internal_error(e: Exception) -> int:
+    if os.environ.get("DPMJAX_TRACEBACK"):
+        raise e
+    print(f"{PROG}: internal error: {type(e).__name__}: {_message(e)} "
+          "(set DPMJAX_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -64,7 +64,6 @@ from __future__ import annotations
 import functools
 import numbers
 import os
-import tempfile
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -442,54 +441,92 @@ def compute_ems(
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_savez(path, **arrays):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        return tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
+EMS_FILES = ("l.npz", "sb.npz", "lambdas.npy")
+MANIFEST = "ems.json"
 
 
-def _atomic_save_npy(path, array):
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-        return tmp
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _npz(**arrays):
+    return lambda f: np.savez(f, **arrays)
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_ems(directory, ems: EMS) -> None:
-    """Write ``ems`` to ``directory`` in the authors' layout: ``l.npz`` (``l``),
-    ``sb.npz`` (``s``, ``b``), plus ``lambdas.npy`` (the grid). Each file is written to a
-    temporary file in ``directory`` and moved into place (``os.replace``); the directory
-    is created if missing. Other files in it are not touched."""
+    """Write ``ems`` as the directory ``directory``, in the authors' layout plus two files.
+
+    The files: ``l.npz`` (array ``l``) and ``sb.npz`` (``s``, ``b``) as the authors' code
+    writes them, ``lambdas.npy`` (the grid, so no schedule is needed to load them) and
+    ``ems.json`` (each file's SHA-256, which :func:`load_ems` checks, so files of two
+    different computations are never read as one set).
+
+    The set is written as one unit: into a new directory beside ``directory``, renamed
+    into place when complete, so a crash or a full disk leaves the previous statistics
+    whole and loadable. ``directory`` may be missing (it is created, with its parents)
+    or hold a previous set of statistics, which is replaced; a file, or a directory with
+    other entries, is refused with ``ValueError`` (nothing but the statistics' own files
+    is ever deleted). The files get the permissions the umask gives new files.
+    """
+    import json
+
+    from ._files import replace_directory
+
     check_ems(ems)
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    tmps = []
+    if isinstance(directory, bool) or not isinstance(directory, (str, os.PathLike)):
+        raise TypeError(f"save_ems: directory must be a str or os.PathLike; got {type(directory).__name__}")
+    arrays = {"l.npz": {"l": np.asarray(ems.l)}, "sb.npz": {"s": np.asarray(ems.s), "b": np.asarray(ems.b)}}
+    writers = {name: _npz(**a) for name, a in arrays.items()}
+    writers["lambdas.npy"] = lambda f: np.save(f, np.asarray(ems.lambdas), allow_pickle=False)
+    digests = {}
+
+    def hashed(name, write):
+        def run(f):
+            write(f)
+            f.flush()
+            digests[name] = _digest(f.name)
+        return run
+
+    files = {name: hashed(name, w) for name, w in writers.items()}
+    files[MANIFEST] = lambda f: f.write(json.dumps({"format": "dpmjax-ems", "version": 1, "sha256": digests},
+                                                   indent=2, sort_keys=True).encode("utf-8") + b"\n")
+    replace_directory(directory, files, what="save_ems: directory")
+
+
+def _check_manifest(directory):
+    """Refuse a set whose files do not all come from the one :func:`save_ems` call that wrote ``ems.json``."""
+    import json
+
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        return  # the authors' layout (or a set written before the manifest existed)
     try:
-        tmps.append((_atomic_savez(os.path.join(directory, "l.npz"), l=np.asarray(ems.l)), "l.npz"))
-        tmps.append((_atomic_savez(os.path.join(directory, "sb.npz"), s=np.asarray(ems.s), b=np.asarray(ems.b)), "sb.npz"))
-        tmps.append((_atomic_save_npy(os.path.join(directory, "lambdas.npy"), np.asarray(ems.lambdas)), "lambdas.npy"))
-    except BaseException:
-        for tmp, _ in tmps:
-            os.unlink(tmp)
-        raise
-    for tmp, name in tmps:
-        os.replace(tmp, os.path.join(directory, name))
+        with open(path, "rb") as f:
+            digests = json.loads(f.read().decode("utf-8"))["sha256"]
+        if not isinstance(digests, dict):
+            raise TypeError("'sha256' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"EMS manifest {path} is unreadable ({type(e).__name__}: {e})") from None
+    for name in EMS_FILES:
+        file = os.path.join(directory, name)
+        if name not in digests or not os.path.isfile(file):
+            raise ValueError(f"{directory} is an incomplete EMS set: {MANIFEST} lists {sorted(digests)}, the directory "
+                             f"has {sorted(n for n in EMS_FILES if os.path.isfile(os.path.join(directory, n)))}")
+        if _digest(file) != digests[name]:
+            raise ValueError(f"{file} is not the file {MANIFEST} was written with: {directory} mixes files of "
+                             "different EMS computations; write the set again with dpmjax.save_ems")
 
 
 def _load_npz(path, keys):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"EMS file {path} does not exist (the layout is l.npz with 'l', sb.npz with 's' and 'b')")
+        raise FileNotFoundError(f"EMS file {path} does not exist (the layout is l.npz with 'l', sb.npz with 's' "
+                                "and 'b')")
     try:
         z = np.load(path, allow_pickle=False)
         if not isinstance(z, np.lib.npyio.NpzFile):
@@ -517,6 +554,10 @@ def load_ems(directory, schedule: Optional[NoiseSchedule] = None, *, t_start=Non
     When both are available they must agree.
     """
     directory = os.fspath(directory)
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"load_ems: {directory} is not a directory (EMS are a directory of l.npz, sb.npz, "
+                         "lambdas.npy)")
+    _check_manifest(directory)
     (l,) = _load_npz(os.path.join(directory, "l.npz"), ["l"])
     s, b = _load_npz(os.path.join(directory, "sb.npz"), ["s", "b"])
     grid_path = os.path.join(directory, "lambdas.npy")
@@ -526,13 +567,20 @@ def load_ems(directory, schedule: Optional[NoiseSchedule] = None, *, t_start=Non
             lambdas = np.load(grid_path, allow_pickle=False)
         except Exception as e:
             raise ValueError(f"EMS file {grid_path} is not a readable .npy array: {e}") from None
+        if lambdas.ndim != 1 or lambdas.shape[0] < 2 or lambdas.dtype.kind not in "iuf":
+            raise ValueError(f"EMS file {grid_path} must hold a 1-D grid of at least 2 real lambdas; got shape "
+                             f"{lambdas.shape}, dtype {lambdas.dtype}")
+        if l.ndim < 1 or lambdas.shape[0] != l.shape[0]:
+            raise ValueError(f"EMS file {grid_path} holds {lambdas.shape[0]} lambdas but l.npz holds "
+                             f"{l.shape[0] if l.ndim else 0} rows; the set is inconsistent")
     dtype = jnp.result_type(float)
     if schedule is not None:
         rebuilt = np.asarray(_grid(schedule, t_start, t_end, l.shape[0] if l.ndim else 1), np.float64)
         if lambdas is not None:
             if lambdas.shape != rebuilt.shape or not np.allclose(lambdas, rebuilt, rtol=1e-5, atol=1e-5):
                 raise ValueError(
-                    f"{grid_path} spans lambda [{lambdas[0]:.6g}, {lambdas[-1]:.6g}] but schedule with t_start={t_start}, "
+                    f"{grid_path} spans lambda [{lambdas[0]:.6g}, {lambdas[-1]:.6g}] but schedule with "
+                    f"t_start={t_start}, "
                     f"t_end={t_end} gives [{rebuilt[0]:.6g}, {rebuilt[-1]:.6g}]"
                 )
         else:

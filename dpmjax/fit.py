@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from typing import Any, Optional
 
 import jax
@@ -58,6 +57,7 @@ from . import sampler as _sampler
 from . import solvers as _solvers
 from . import timesteps as _ts
 from . import updates as _up
+from ._files import write_file
 from .sampler import sample, solve
 
 __all__ = ["FittedGrid", "fit_timesteps", "save_timesteps", "load_timesteps"]
@@ -445,27 +445,6 @@ def _as_times(values, what: str) -> np.ndarray:
         raise ValueError(f"{what} must hold real numbers: {e}") from None
 
 
-def _write_atomic(path: str, write) -> None:
-    """Write ``path`` through ``write(binary_file)`` into a fresh temporary file next to it,
-    then ``os.replace`` it: the target is either unchanged or complete, and the temporary
-    file is removed on any failure."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would otherwise become the file's mode
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:
     """Save a grid (an array or a :class:`dpmjax.FittedGrid`) for :func:`load_timesteps`.
 
@@ -474,7 +453,8 @@ def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:
     strings, lists, dicts) and may not use the grid's own keys. ``.npy``: a plain grid only.
     The grid is checked as :func:`load_timesteps` will check it (1-D, strictly decreasing,
     finite; ``model_timesteps`` one finite positive time per step), and the file is
-    written atomically (a temporary file next to it, then ``os.replace``).
+    written atomically (a temporary file next to it, then ``os.replace``) with the
+    permissions the umask gives new files.
 
     Example::
 
@@ -492,14 +472,14 @@ def save_timesteps(path: str | os.PathLike, timesteps, **metadata) -> None:
     if path.endswith(".npy"):
         if mts is not None:
             raise ValueError(f"a grid with model_timesteps cannot be saved as .npy; use a .json path, got {path!r}")
-        _write_atomic(path, lambda f: np.save(f, ts, allow_pickle=False))
+        write_file(path, lambda f: np.save(f, ts, allow_pickle=False))
         return
     doc = {"timesteps": ts.tolist(), "model_timesteps": None if mts is None else mts.tolist(), **metadata}
     try:
         text = json.dumps(doc, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise ValueError(f"metadata must be JSON-serialisable (finite numbers, str, list, dict): {e}") from None
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+    write_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def load_timesteps(path: str | os.PathLike) -> FittedGrid:

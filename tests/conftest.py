@@ -54,7 +54,15 @@ def compiled_during(fn):
     return handler.messages
 
 
+# ``jax.enable_x64`` is the context manager of recent jax; the declared minimum jax has it
+# under ``jax.experimental`` (the minimum-versions run of .ci/run uses this fixture too).
+if hasattr(jax, "enable_x64"):
+    _enable_x64 = jax.enable_x64
+else:
+    from jax.experimental import enable_x64 as _enable_x64
+
+
 @pytest.fixture
 def x64():
-    with jax.enable_x64(True):
+    with _enable_x64(True):
         yield

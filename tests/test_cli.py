@@ -221,6 +221,31 @@ def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path, monkeypatch):
     assert sorted(os.listdir(out_dir)) == ["demo.png", "grid-6.json", "run-moons-800"]
     assert sorted(os.listdir(os.path.join(out_dir, "run-moons-800"))) == ["checkpoints", "config.json", "losses.jsonl"]
 
+    # run again: the finished run and the grid fitted to it are reused, and the demo says so
+    from dpmjax.train.trainer import Trainer
+
+    grid_bytes = open(os.path.join(out_dir, "grid-6.json"), "rb").read()
+
+    def never(*a, **kw):
+        raise AssertionError("trained or fitted again")
+
+    monkeypatch.setattr(Trainer, "train", never)
+    monkeypatch.setattr(dpmjax, "fit_timesteps", never)
+    code, out2, _ = run(capsys, "demo", "--out", out_dir, "--train-steps", "800", "--width", "32",
+                        "--samples", "2000", "--fit-trajectories", "256", "--fit-refine-iters", "10", "--no-progress")
+    assert code == 0
+    assert re.search(r"reusing the 32-wide, 3-block MLP trained on moons for 800 steps in \S*run-moons-800", out2), out2
+    assert "reusing the 6-step grid in" in out2 and "trained a" not in out2 and "fitted a" not in out2, out2
+    assert open(os.path.join(out_dir, "grid-6.json"), "rb").read() == grid_bytes
+    rows2 = _table(out2)
+    assert {k: r["swd"] for k, r in rows2.items()} == {k: r["swd"] for k, r in rows.items()}
+    # other fitting settings: the grid is fitted again, and the log says why
+    monkeypatch.undo()
+    code, out3, _ = run(capsys, "demo", "--out", out_dir, "--train-steps", "800", "--width", "32",
+                        "--samples", "2000", "--fit-trajectories", "128", "--fit-refine-iters", "10", "--no-progress")
+    assert code == 0 and "fitting a new 6-step grid: " in out3 and "(trajectories)" in out3, out3
+    assert re.search(r"fitted a 6-step grid in [0-9.]+s", out3), out3
+
 
 
 # -- user errors: one line, exit status 2, nothing damaged --------------------------------
@@ -326,21 +351,21 @@ def test_unreadable_config_and_unwritable_directory(capsys, moons_run, tmp_path)
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
-    from dpmjax.train.files import atomic_write
+    from dpmjax._files import write_file
 
     target = tmp_path / "out.json"
     target.write_text("old")
 
-    def half_then_fail(tmp):
-        with open(tmp, "w") as f:
-            f.write("new, half written")
+    def half_then_fail(f):
+        f.write(b"new, half written")
+        f.flush()
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space left on device") as e:
-        atomic_write(str(target), half_then_fail)
+        write_file(str(target), half_then_fail)
     assert e.value.filename == str(target)
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
-    atomic_write(str(target), lambda tmp: open(tmp, "w").write("new"))
+    write_file(str(target), lambda f: f.write(b"new"))
     assert target.read_text() == "new" and os.listdir(tmp_path) == ["out.json"]
     assert (target.stat().st_mode & 0o777) == (0o666 & ~_umask())
 
@@ -472,7 +497,7 @@ def test_compute_ems_then_sample_with_v3(capsys, moons_run, tmp_path):
     code, out, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--lambdas", "41", "--samples", "64",
                          "--no-progress", "--out", ems_dir)
     assert code == 0, err
-    assert sorted(os.listdir(ems_dir)) == ["l.npz", "lambdas.npy", "sb.npz"]
+    assert sorted(os.listdir(ems_dir)) == ["ems.json", "l.npz", "lambdas.npy", "sb.npz"]
     ems = dpmjax.load_ems(ems_dir)
     assert ems.l.shape == ems.s.shape == ems.b.shape == (41, 2)
     assert np.all(np.isfinite(ems.l)) and np.all(np.isfinite(ems.s)) and np.all(np.isfinite(ems.b))
@@ -489,3 +514,165 @@ def test_compute_ems_then_sample_with_v3(capsys, moons_run, tmp_path):
     # the default directory is not overwritten; a directory inside the run is refused
     code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", os.path.join(moons_run, "ems"))
     assert code == 2 and "inside the run directory" in error_line(err)
+
+
+# -- options that do not apply, bad grid files, outputs checked first ---------------------
+
+
+def test_adaptive_options_with_a_fixed_step_method_are_refused(capsys, moons_run, tmp_path):
+    png = str(tmp_path / "s.png")
+    for flags in (["--rtol", "0.1"], ["--atol", "0.01", "--max-nfe", "50"]):
+        code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--method", "unipc", *flags, "--out", png)
+        line = error_line(err)
+        assert code == 2 and "only apply to --method adaptive" in line and flags[0] in line, line
+    assert not os.path.exists(png)
+
+
+@pytest.mark.parametrize("field, value", [("order", 2.7), ("order", True), ("order", "2"), ("method", "rk4"),
+                                          ("algorithm", "ddim")])
+def test_a_grid_file_with_a_bad_solver_field_is_refused(capsys, moons_run, tmp_path, field, value):
+    grid = tmp_path / "grid.json"
+    dpmjax.save_timesteps(grid, np.linspace(1.0, 1e-3, 5), **{field: value})
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--timesteps", str(grid),
+                       "--out", str(tmp_path / "s.png"))
+    line = error_line(err)
+    assert code == 2 and f'"{field}" must be one of' in line and repr(value) in line, line
+
+
+def test_empty_out_is_refused(capsys, moons_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", "--data", "moons", "--out", "", *TINY)
+    assert code == 2 and "--out must name a directory" in error_line(err)
+    code, _, err = run(capsys, "sample", "--checkpoint", moons_run, "--out", "")
+    assert code == 2 and "--out must name a file" in error_line(err)
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", "")
+    assert code == 2 and "--out must name a directory" in error_line(err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_compute_ems_checks_out_before_any_work(capsys, moons_run, tmp_path, monkeypatch):
+    import dpmjax.train.trainer as trainer_module
+
+    def never(*a, **kw):
+        raise AssertionError("the run was loaded before --out was checked")
+
+    monkeypatch.setattr(trainer_module, "load_trained", never)
+    # a symbolic link into the run directory is the run directory (realpath, like sample and fit-steps)
+    link = tmp_path / "link"
+    link.symlink_to(moons_run)
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", str(link / "ems"))
+    assert code == 2 and "inside the run directory" in error_line(err)
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", str(link))
+    assert code == 2 and "inside the run directory" in error_line(err)
+    # a file, a directory of other files, a missing parent that cannot be made
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", str(tmp_path / "file"))
+    assert code == 2 and "not a directory" in error_line(err)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", str(tmp_path / "mine"))
+    assert code == 2 and "holds other files (notes.txt)" in error_line(err)
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--out", str(tmp_path / "file" / "ems"))
+    assert code == 2 and "not a directory" in error_line(err)
+    # the moving-average width is a flag of its own, checked against --lambdas
+    code, _, err = run(capsys, "compute-ems", "--checkpoint", moons_run, "--lambdas", "5",
+                       "--out", str(tmp_path / "ems"))
+    line = error_line(err)
+    assert code == 2 and "--smooth-dl (5) must be smaller than --lambdas (5)" in line and "smooth_dl" not in line
+    assert (tmp_path / "file").read_text() == "x" and os.listdir(tmp_path / "mine") == ["notes.txt"]
+
+
+def test_compute_ems_replaces_a_set_of_statistics(capsys, moons_run, tmp_path):
+    out = tmp_path / "ems"
+    argv = ["compute-ems", "--checkpoint", moons_run, "--lambdas", "9", "--samples", "16", "--smooth-dl", "1",
+            "--no-progress"]
+    assert run(capsys, *argv, "--seed", "1", "--out", str(out))[0] == 0
+    first = dpmjax.load_ems(out)
+    code, _, err = run(capsys, *argv, "--seed", "2", "--out", str(out))  # named with --out: replaced
+    assert code == 0, err
+    second = dpmjax.load_ems(out)
+    assert not np.array_equal(np.asarray(first.l), np.asarray(second.l))
+    assert sorted(os.listdir(tmp_path)) == ["ems"]
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_nothing_was_saved(capsys, tmp_path, monkeypatch):
+    from dpmjax.train.trainer import Trainer
+
+    def interrupted(self, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    code, _, err = run(capsys, "train", "--data", "moons", "--out", str(tmp_path / "run"), *TINY)
+    line = error_line(err)
+    assert code == 130 and "before the first checkpoint" in line and "None" not in line, line
+
+
+_BLOCK_EXTRAS = """
+import importlib.abc, sys
+BLOCKED = ("flax", "orbax", "matplotlib", "sklearn", "tqdm")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def _without_extras(code, *argv):
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-c", _BLOCK_EXTRAS + code, *argv], capture_output=True, text=True, env=env,
+                       timeout=300)
+    return r.returncode, r.stdout, [l for l in r.stderr.splitlines() if l.strip()]
+
+
+def test_the_sampler_and_the_command_line_without_the_extras(tmp_path):
+    # a core install (no flax, orbax, matplotlib, scikit-learn, tqdm): sampling works, and each
+    # command that needs an extra says, in one line, which one to install
+    code, out, err = _without_extras(
+        "import jax, jax.numpy as jnp, dpmjax, dpmjax.train.config, dpmjax.train.data\n"
+        "data = dpmjax.GaussianMixture.isotropic(jnp.array([[-2.0, 0.0], [2.0, 0.0]]), 0.3)\n"
+        "s = dpmjax.VPLinear()\n"
+        "x = dpmjax.sample(data.model_fn(s), data, jax.random.key(0), (2000, 2), schedule=s, steps=10)\n"
+        "print(float(jnp.mean(x[:, 0] > 0)))\n"
+        "print([m for m in sys.modules if m.split('.')[0] in BLOCKED])\n"
+        "try:\n"
+        "    import dpmjax.nets\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "try:\n"
+        "    from dpmjax.train import Trainer\n"
+        "except ImportError as e:\n"
+        "    print(e)\n")
+    assert code == 0, err
+    frac, loaded, nets_error, train_error = out.splitlines()
+    assert abs(float(frac) - 0.5) < 0.05 and loaded == "[]"
+    assert "dpmjax.nets needs flax: pip install 'dpmjax[train]'" in nets_error
+    assert "dpmjax.train.Trainer needs flax: pip install 'dpmjax[train]'" in train_error
+    cli = "from dpmjax.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    cases = [(["train", "--data", "moons", "--out", str(tmp_path / "r")], "dpmjax[train]", "flax"),
+             (["train", "--data", "digits", "--out", str(tmp_path / "r")], "dpmjax[demo]", "scikit-learn"),
+             (["sample", "--checkpoint", str(tmp_path)], "dpmjax[demo]", "matplotlib"),
+             (["fit-steps", "--checkpoint", str(tmp_path)], "dpmjax[train]", "orbax-checkpoint"),
+             (["compute-ems", "--checkpoint", str(tmp_path)], "dpmjax[train]", "tqdm"),
+             (["demo", "--out", str(tmp_path / "d")], "dpmjax[demo]", "matplotlib")]
+    for argv, extra, module in cases:
+        code, _, lines = _without_extras(cli, *argv)
+        assert code == 2 and len(lines) == 1, (argv, lines)
+        assert f"pip install '{extra}'" in lines[0] and module in lines[0], (argv, lines)
+    code, out, lines = _without_extras(cli, "--help")
+    assert code == 0 and "compute-ems" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_missing_extra_found_late_is_still_one_line(capsys, monkeypatch, tmp_path):
+    # e.g. resuming a digits run without --data (scikit-learn is imported when the data are drawn)
+    import dpmjax.cli as cli
+
+    def needs_sklearn(args):
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(cli, "_cmd_train", needs_sklearn)
+    code, _, err = run(capsys, "train", "--out", str(tmp_path / "run"))
+    assert code == 2 and error_line(err) == "dpmjax: error: needs sklearn, which the sampler does not: " \
+                                           "pip install 'dpmjax[demo]'"

@@ -286,3 +286,64 @@ def test_sigkill_then_resume(tmp_path):
     assert set(logged) >= set(range(last + 10))
     np.testing.assert_array_equal([logged[k] for k in range(last + 10)],
                                   [straight.losses[k] for k in range(last + 10)])
+
+
+_KILLED_WHILE_LOGGING = """
+import json, os, signal, sys
+from dpmjax.train import TrainConfig, Trainer, checkpoint
+append = checkpoint.append_losses
+def append_then_die(run_dir, losses):  # after the checkpoint of step 20: log 20..29, half a line, die
+    append(run_dir, losses)
+    if max(losses) >= 20:
+        with open(os.path.join(run_dir, checkpoint.LOSSES_FILE), "a") as f:
+            f.write('{"step": 30, "lo')
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.append_losses = append_then_die
+Trainer(TrainConfig.from_dict(json.loads(sys.argv[2])), sys.argv[1]).train(progress=False, stop_at=40)
+"""
+
+
+def test_kill9_after_a_checkpoint_then_resume_logs_each_step_once(tmp_path, reference):
+    # SIGKILL while logging the steps after the checkpoint of step 20 (they run again on resume),
+    # with the last line cut short: the resumed run's losses.jsonl has one line per step, in order,
+    # each the uninterrupted run's loss
+    d = str(tmp_path / "killed")
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", _KILLED_WHILE_LOGGING, d, json.dumps(tiny().to_dict())], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    path = os.path.join(d, "losses.jsonl")
+    with open(path) as f:
+        text = f.read()
+    assert not text.endswith("\n") and [json.loads(l)["step"] for l in text.splitlines()[:-1]] == list(range(30))
+    trainer = Trainer(tiny(), d)
+    assert trainer.checkpoints.latest_step() == 20
+    resumed = trainer.train(progress=False, stop_at=N)
+    trainer.close()
+    assert resumed.start_step == 20
+    with open(path) as f:
+        text = f.read()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]
+    assert [rec["step"] for rec in records] == list(range(N))
+    assert [rec["loss"] for rec in records] == [reference[1].losses[k] for k in range(N)]
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_run_files_get_the_permissions_the_umask_gives(tmp_path, mask, mode):
+    from dpmjax.train.checkpoint import truncate_losses
+
+    old = os.umask(mask)
+    try:
+        d = str(tmp_path / "run")
+        trainer = Trainer(tiny(), d)
+        trainer.train(progress=False, stop_at=10)
+        trainer.close()
+        with open(os.path.join(d, "losses.jsonl"), "a") as f:
+            f.write('{"step": 10')  # cut short: the next start rewrites the file
+        truncate_losses(d, 10)
+        assert sorted(read_losses(d)) == list(range(10))
+        for name in ("config.json", "losses.jsonl"):
+            assert os.stat(os.path.join(d, name)).st_mode & 0o777 == mode, name
+    finally:
+        os.umask(old)

@@ -11,6 +11,11 @@ A trained module becomes a pure function of a parameter pytree through
 The sampler itself never imports flax; only this package does.
 """
 
+try:
+    import flax  # noqa: F401
+except ImportError as e:  # the sampler does not need flax; say which extra brings it
+    raise ImportError(f"dpmjax.nets needs flax: pip install 'dpmjax[train]' ({e})") from e
+
 from .embeddings import sinusoidal_embedding
 from .functional import as_model_fn, build_model, split
 from .mlp import MLP

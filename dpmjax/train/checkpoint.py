@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     DIR/config.json          the TrainConfig (written atomically)
-    DIR/losses.jsonl         one {"step": k, "loss": v} line per step (later lines win)
+    DIR/losses.jsonl         one {"step": k, "loss": v} line per step (cut back to the
+                             checkpoint's step when training resumes)
     DIR/checkpoints/<step>/  orbax checkpoints: the TrainState and a copy of the config
 
 orbax writes each step into a temporary directory and renames it when complete, so a
@@ -167,25 +168,54 @@ class RunCheckpoints:
 
 
 def append_losses(run_dir: str, losses: dict[int, float]) -> None:
-    """Append ``{"step", "loss"}`` lines to ``run_dir/losses.jsonl``."""
+    """Append ``{"step", "loss"}`` lines to ``run_dir/losses.jsonl``.
+
+    Appending is not atomic: a kill can cut the last line short. :func:`truncate_losses`,
+    which every (re)start of training runs first, repairs that.
+    """
     if not losses:
         return
+    text = "".join(json.dumps({"step": int(step), "loss": float(losses[step])}) + "\n" for step in sorted(losses))
     with open(os.path.join(run_dir, LOSSES_FILE), "a") as f:
-        for step in sorted(losses):
-            f.write(json.dumps({"step": int(step), "loss": float(losses[step])}) + "\n")
+        f.write(text)
 
 
-def read_losses(run_dir: str) -> dict[int, float]:
-    """``{step: loss}`` from ``run_dir/losses.jsonl``; for a step logged twice (a resumed run) the last wins."""
+def _parse_losses(path: str) -> dict[int, float]:
     out: dict[int, float] = {}
-    path = os.path.join(run_dir, LOSSES_FILE)
-    if not os.path.exists(path):
-        return out
-    with open(path) as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+                out[int(rec["step"])] = float(rec["loss"])
+            except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
-            out[int(rec["step"])] = float(rec["loss"])
     return out
+
+
+def truncate_losses(run_dir: str, step: int) -> None:
+    """Cut ``run_dir/losses.jsonl`` back to the steps before ``step`` (the checkpoint training resumes from).
+
+    A run killed after its last checkpoint has logged steps it will run again; without
+    this they would be logged twice. The file is rewritten atomically with one line per
+    step in order, so a line cut short by the kill is dropped too (and cannot swallow the
+    first line appended after it). Nothing is written when the file is already exact.
+    """
+    from .._files import write_file
+
+    path = os.path.join(run_dir, LOSSES_FILE)
+    if not os.path.exists(path):
+        return
+    kept = {k: v for k, v in _parse_losses(path).items() if k < step}
+    text = "".join(json.dumps({"step": k, "loss": kept[k]}) + "\n" for k in sorted(kept))
+    with open(path, "rb") as f:
+        if f.read() == text.encode("utf-8"):
+            return
+    write_file(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def read_losses(run_dir: str) -> dict[int, float]:
+    """``{step: loss}`` from ``run_dir/losses.jsonl`` (one line per step; a line cut short by a kill is skipped)."""
+    path = os.path.join(run_dir, LOSSES_FILE)
+    if not os.path.exists(path):
+        return {}
+    return _parse_losses(path)

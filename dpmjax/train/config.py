@@ -114,18 +114,11 @@ class TrainConfig:
 
 def write_config(directory: str, config: TrainConfig) -> None:
     """Write ``config.json`` atomically (temporary file + ``os.replace``)."""
-    from .files import atomic_write
+    from .._files import write_file
 
     os.makedirs(directory, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(os.path.join(directory, CONFIG_FILE), write)
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    write_file(os.path.join(directory, CONFIG_FILE), lambda f: f.write(text.encode("utf-8")))
 
 
 def read_config(directory: str) -> TrainConfig:

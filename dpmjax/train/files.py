@@ -1,55 +1,20 @@
-"""Writing output files safely: checked before any work, replaced atomically.
+"""Output paths of the command line, checked before any work is done.
 
-Every file the command line writes goes to a temporary file in the same directory,
-which then replaces the target with ``os.replace`` (atomic on POSIX): a write that fails
-halfway (a full disk, a file-size limit, Ctrl-C) leaves the previous file untouched and
-no partial file behind.
+The writing itself is :mod:`dpmjax._files`: every file goes to a temporary file in the
+same directory, which then replaces the target with ``os.replace`` (atomic on POSIX), so
+a write that fails halfway (a full disk, a file-size limit, Ctrl-C) leaves the previous
+file untouched and no partial file behind.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import tempfile
-from typing import Callable, Iterable
+from typing import Iterable
 
 
 class OutputError(ValueError):
     """An output path that cannot or must not be written."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it onto ``path``.
-
-    The temporary name keeps ``path``'s extension (writers that pick a format from it,
-    such as matplotlib and numpy, see the right one) and gets the permissions a new file
-    would get (``0o666`` less the umask). On any error the temporary file is removed and
-    ``path`` is left as it was.
-    """
-    path = os.path.abspath(path)
-    directory, name = os.path.split(path)
-    ext = os.path.splitext(name)[1]
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{ext}")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        for leftover in (tmp, f"{tmp}.tmp"):
-            try:
-                os.unlink(leftover)
-            except FileNotFoundError:
-                pass
-        if isinstance(e, OSError) and e.errno and not e.filename:  # name the file the user asked for
-            raise OSError(e.errno, f"{e.strerror or e} (nothing was replaced)", path) from e
-        raise
 
 
 def _inside(path: str, directory: str) -> bool:

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from .files import atomic_write
+from .._files import write_file
 
 
 def _pyplot():
@@ -24,7 +24,7 @@ def _save(fig, path):
     The directory must exist: nothing is created that the caller did not ask for.
     """
     fmt = os.path.splitext(path)[1][1:].lower() or "png"
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight"))
+    write_file(path, lambda f: fig.savefig(f, format=fmt, dpi=100, bbox_inches="tight"))
 
 
 def check_image_path(path: str) -> None:

@@ -243,7 +243,8 @@ class Trainer:
         Saves a checkpoint every ``checkpoint_every`` steps and at the end. SIGINT (Ctrl-C)
         and SIGTERM are deferred to the end of the current step: the state is saved, then
         ``KeyboardInterrupt`` is raised. A SIGKILL loses at most the steps since the last
-        checkpoint; rerunning resumes from it with the same losses.
+        checkpoint; rerunning resumes from it with the same losses, after cutting
+        ``losses.jsonl`` back to it (one line per step, see :func:`checkpoint.truncate_losses`).
         """
         from tqdm.auto import tqdm
 
@@ -253,6 +254,8 @@ class Trainer:
         if state is None:
             state = self.init_state()
         start = int(state.step)
+        if self.directory is not None:  # steps logged after the checkpoint will run again
+            ckpt.truncate_losses(self.directory, start)
         losses: dict[int, float] = {}
         pending: list[tuple[int, jax.Array]] = []
         last_saved = start if self._checkpoints is not None and start in self._checkpoints.all_steps() else None
