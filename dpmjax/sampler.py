@@ -257,6 +257,7 @@ def _prepare(model_fn, key, shape, solver, schedule, method, grid, model_type, t
             return _prepare_adaptive(model_fn, key, shape, schedule, method, grid, model_type, thresholding,
                                      denoise_to_zero, condition, kind, uncond, scale, classifier_fn, noise,
                                      correcting_xt_fn, save_states, sharding)
+        _check_draw(shape, key, noise, method.stochastic, method.algorithm)  # before any table is built
         solver = _solvers.build_solver(schedule, method, grid, model_type=_models.output_type(model_type, kind),
                                        thresholding=thresholding, denoise_to_zero=denoise_to_zero,
                                        sample_shape=shape[1:])

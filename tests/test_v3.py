@@ -635,7 +635,7 @@ def test_save_load_round_trip_authors_layout(tmp_path, x64):
     ems = EMS(lam, *(jnp.asarray(rng.normal(size=(21, 3, 2))) for _ in range(3)))
     d = tmp_path / "stats"
     save_ems(d, ems)
-    assert sorted(os.listdir(d)) == ["l.npz", "lambdas.npy", "sb.npz"]
+    assert sorted(os.listdir(d)) == ["ems.json", "l.npz", "lambdas.npy", "sb.npz"]  # the authors' files + manifest
     with np.load(d / "l.npz") as z:
         assert z.files == ["l"] and z["l"].shape == (21, 3, 2)
     with np.load(d / "sb.npz") as z:
