@@ -28,11 +28,17 @@ accelerator, and all its local chips share the batch.
 
 Across a multi-host TPU slice (or several GPU hosts) run the same command on every host
 at once with ``--distributed``, which calls ``jax.distributed.initialize()`` before
-anything else (on Cloud TPU it needs no arguments; elsewhere set the coordinator address,
-process count and process id through JAX's environment variables)::
+anything else (on Cloud TPU it needs no arguments; elsewhere pass ``--coordinator HOST:PORT
+--num-processes N --process-id I``, which go to ``jax.distributed.initialize``)::
 
     gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all \\
         --command="cd dpmjax && python scripts/bench_accelerator.py --distributed"
+
+Two processes on one machine (CPU, 4 devices each, Gloo collectives; what the tests do)::
+
+    export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4
+    for id in 0 1; do python scripts/bench_accelerator.py --quick --distributed \\
+        --coordinator 127.0.0.1:12345 --num-processes 2 --process-id $id & done; wait
 
 The mesh then spans the devices of all hosts, every host builds its part of the batch
 with ``jax.make_array_from_callback`` and times the same program, and process 0 writes

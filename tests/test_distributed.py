@@ -227,3 +227,18 @@ def test_bench_accelerator_distributed_on_two_processes(tmp_path):
     assert [r["batch"] for r in rows] == [64, 256, 1024]
     for row in rows:
         assert math.isclose(row["us_per_sample"] * row["samples_per_s"], 1e6, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--coordinator", "127.0.0.1:1"], "--coordinator need --distributed"),
+    (["--distributed", "--num-processes", "0"], "--num-processes must be >= 1; got 0"),
+    (["--distributed", "--num-processes", "2", "--process-id", "2"], "--process-id must be in 0..1; got 2"),
+    (["--distributed", "--process-id", "-1"], "--process-id must be in 0..; got -1"),
+])
+def test_bench_accelerator_refuses_bad_cluster_flags(args, message, tmp_path):
+    # refused by the argument parser, before JAX starts or anything is written
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_accelerator.py"), "--quick",
+                        "--out-dir", str(tmp_path / "out"), *args], capture_output=True, text=True,
+                       env=_env(1), timeout=TIMEOUT)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
