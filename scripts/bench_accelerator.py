@@ -28,11 +28,17 @@ accelerator, and all its local chips share the batch.
 
 Across a multi-host TPU slice (or several GPU hosts) run the same command on every host
 at once with ``--distributed``, which calls ``jax.distributed.initialize()`` before
-anything else (on Cloud TPU it needs no arguments; elsewhere set the coordinator address,
-process count and process id through JAX's environment variables)::
+anything else (on Cloud TPU it needs no arguments; elsewhere pass ``--coordinator HOST:PORT
+--num-processes N --process-id I``, which go to ``jax.distributed.initialize``)::
 
     gcloud compute tpus tpu-vm ssh NAME --zone ZONE --worker=all \\
         --command="cd dpmjax && python scripts/bench_accelerator.py --distributed"
+
+Two processes on one machine (CPU, 4 devices each, Gloo collectives; what the tests do)::
+
+    export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4
+    for id in 0 1; do python scripts/bench_accelerator.py --quick --distributed \\
+        --coordinator 127.0.0.1:12345 --num-processes 2 --process-id $id & done; wait
 
 The mesh then spans the devices of all hosts, every host builds its part of the batch
 with ``jax.make_array_from_callback`` and times the same program, and process 0 writes
@@ -63,12 +69,27 @@ def main(argv=None) -> int:
                    help="batch of the speed table (default 4096 x devices, quick 64 x devices)")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() first (multi-host)")
+    p.add_argument("--coordinator", default=None,
+                   help="with --distributed: the coordinator's HOST:PORT (default: found by JAX, e.g. on Cloud TPU)")
+    p.add_argument("--num-processes", type=int, default=None, help="with --distributed: the number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="with --distributed: this process's id, 0-based")
     args = p.parse_args(argv)
+    cluster = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+               "process_id": args.process_id}
+    given = [f"--{k.replace('_', '-')}" for k, v in zip(("coordinator", "num_processes", "process_id"),
+                                                         cluster.values()) if v is not None]
+    if given and not args.distributed:
+        p.error(f"{', '.join(given)} need --distributed")
+    if args.num_processes is not None and args.num_processes < 1:
+        p.error(f"--num-processes must be >= 1; got {args.num_processes}")
+    if args.process_id is not None and (args.process_id < 0 or args.process_id >= (args.num_processes or 1 << 62)):
+        allowed = "0.." + (str(args.num_processes - 1) if args.num_processes else "")
+        p.error(f"--process-id must be in {allowed}; got {args.process_id}")
 
     import jax
 
     if args.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**{k: v for k, v in cluster.items() if v is not None})
 
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
