@@ -306,7 +306,7 @@ def sample(
         config = (config, tuple(map(type, config)), disable_corrector and tuple(map(type, disable_corrector)),
                   orders and tuple(map(type, orders)), jax.config.jax_enable_x64)
         hit = _FAST.get(config)
-    except TypeError:  # an unhashable option (an array of times, a list): the full path below
+    except (TypeError, ValueError):  # an unhashable option (an array of times, a list): the full path below
         config = hit = None
     if hit is not None and hit[0] is schedule:
         _, solver, fn, stochastic, run_sharding, unit = hit
@@ -606,7 +606,7 @@ def _sample_body(run: _Run, model_fn, classifier_fn, correcting_xt_fn, sharding,
                        + [(k, 1, r) for r, k in enumerate(layout.y_step) if k > 0])
         states = jnp.stack([x_T] + [saved[which][r] for _, which, r in picks])
     info = {"nfe": jnp.asarray(solver.num_evals, jnp.int32)}
-    return _outputs(run, solver.result(state), states, info, sharding)
+    return _outputs(run, solver._result(state), states, info, sharding)
 
 
 _RUNNERS: "collections.OrderedDict" = collections.OrderedDict()

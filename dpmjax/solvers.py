@@ -302,6 +302,17 @@ def _check_orders(orders, method, order, steps):
     return orders
 
 
+def _int_sequence(name, value):
+    """A 1-D NumPy integer array (``np.array([2, 3])``) as the tuple of Python ints it
+    stands for; other values are returned as given (and checked by the caller)."""
+    if isinstance(value, np.ndarray):
+        if value.ndim != 1 or not (value.dtype.kind in "iu" or value.size == 0):
+            raise TypeError(f"{name} must be a tuple of ints (or a 1-D integer array); got an array of dtype "
+                            f"{value.dtype} and shape {value.shape}")
+        return tuple(int(v) for v in value)
+    return value
+
+
 def make_options(
     schedule, *, model_type, algorithm, method, order, steps, skip_type, lower_order_final, denoise_to_zero,
     solver_type, thresholding, thresholding_max_val, dynamic_thresholding_ratio, variant, disable_corrector,
@@ -324,10 +335,12 @@ def make_options(
     if method not in FIXED_METHODS:
         raise ValueError(f"method={method!r} has no fixed table of steps; dpmjax.solver takes "
                          f"{', '.join(map(repr, FIXED_METHODS))} (use dpmjax.sample for 'adaptive')")
-    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
-        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
-    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
-        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
+    _schedules.check_model_type(schedule, model_type)
+    if timesteps is not None and skip_type != "time_uniform":
+        raise ValueError(f"skip_type={skip_type!r} does not apply with timesteps= (the given grid is the time grid); "
+                         "remove skip_type")
+    disable_corrector = _int_sequence("disable_corrector", disable_corrector)
+    orders = _int_sequence("orders", orders)
     order = _integer("order", order, 1, 3)
     steps = _integer("steps", steps, 1, 100_000)
     lower_order_final = _boolean("lower_order_final", lower_order_final)
@@ -345,6 +358,10 @@ def make_options(
             f"algorithm={algorithm!r} supports method='multistep' with order 1 to {max_sde}; got method={method!r}, "
             f"order={order}"
         )
+    for name, value, default in (("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0.995),
+                                 ("thresholding_max_val", thresholding_max_val, 1.0)):
+        if not thresholding and not (isinstance(value, numbers.Real) and value == default):
+            raise ValueError(f"{name}={value!r} applies only with thresholding=True; remove it or set thresholding=True")
     if thresholding and not algorithm.endswith("++"):
         raise ValueError("thresholding=True needs a data-prediction algorithm ('dpmsolver++' or 'sde-dpmsolver++')")
     ratio = _real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
@@ -542,6 +559,8 @@ class Solver:
         ``x_T ~ N(0, sigma_max^2)``). ``key``: the PRNG key of the SDE noise (the SDE
         algorithms need it unless every :meth:`step` gets ``noise=``; ignored otherwise)."""
         dtype = self.plan.ax.dtype
+        if jnp.ndim(x_T) < 1:
+            raise ValueError(f"x_T must be a batch of shape (B, *sample_shape); got shape {jnp.shape(x_T)}")
         x = jnp.asarray(x_T).astype(dtype) * self.start_scale
         if self.plan.g_p is not None and tuple(x.shape[1:]) != tuple(self.plan.g_p.shape[1:]):
             raise ValueError(f"x_T must have shape (B, *sample_shape) with the EMS' sample shape "
@@ -560,19 +579,74 @@ class Solver:
         )
 
     def model_inputs(self, state: SolverState):
-        """``(x_in, t_in)``: the network input (user scale) and its time values, shape ``(B,)``."""
+        """``(x_in, t_in)``: the network input (user scale) and its time values, shape ``(B,)``.
+        A concrete state past the last evaluation raises ``ValueError``."""
+        self._check_state(state, "model_inputs", before_end=True)
         return self._inputs(state, self._row(state.i))
 
     def step(self, state: SolverState, out, noise=None) -> SolverState:
         """Advance by one model evaluation. ``out``: the raw network output at
         :meth:`model_inputs` (any float dtype; converted to the solver's). ``noise``: the
-        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key)."""
-        return self._advance(state, out, self._row(state.i), noise=noise)
+        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key); a
+        deterministic solver refuses it.
+
+        A state of another solver (another history size ``K``, sample shape or method) is
+        refused. After the last evaluation (``state.i == num_evals``) a concrete state
+        raises ``ValueError``; inside ``jit`` (traced ``state.i``) such a step is inert:
+        it returns the state unchanged, so a loop that runs too long keeps the finished
+        sample."""
+        self._check_state(state, "step", before_end=True)
+        if noise is not None and self.plan.nz is None:
+            raise ValueError(f"noise= applies only to the SDE algorithms ('sde-dpmsolver++', 'sde-dpmsolver'); this "
+                             f"solver's algorithm={self.options.algorithm!r} is deterministic: remove noise")
+        new = self._advance(state, out, self._row(state.i), noise=noise)
+        if _is_traced(state.i):
+            live = state.i < self.num_evals
+            keep = lambda a, b: None if a is None else jnp.where(live, a, b)  # noqa: E731
+            new = new._replace(x=keep(new.x, state.x), y=keep(new.y, state.y), hist=keep(new.hist, state.hist),
+                               i=keep(new.i, state.i))
+        return new
 
     def result(self, state: SolverState):
-        """The sample (user scale) after :attr:`num_evals` steps."""
+        """The sample (user scale) after :attr:`num_evals` steps. An unfinished state
+        (``state.i < num_evals``) raises ``ValueError`` when concrete; inside ``jit`` its
+        result is NaN (never a half-solved sample)."""
+        self._check_state(state, "result")
+        if not _is_traced(state.i) and int(state.i) != self.num_evals:
+            raise ValueError(f"result() needs a finished state: state.i = {int(state.i)} of num_evals = "
+                             f"{self.num_evals} steps (call step() until state.i == solver.num_evals)")
+        x = self._result(state)
+        if _is_traced(state.i):
+            x = jnp.where(state.i == self.num_evals, x, jnp.asarray(jnp.nan, x.dtype))
+        return x
+
+    def _result(self, state: SolverState):
+        """:meth:`result` without its checks (the drivers of :func:`dpmjax.sample`)."""
         x = state.x if state.y is None else state.y
         return x / self.end_scale
+
+    def _check_state(self, state, where, before_end=False):
+        """Refuse a state that is not this solver's (its layout: ``y`` present or not,
+        ``hist`` of ``K`` slots of the sample's shape) and, when concrete, one outside the
+        loop (``0 <= i <= num_evals``; ``before_end``: ``i < num_evals``)."""
+        if not isinstance(state, SolverState):
+            raise TypeError(f"{where}() takes a SolverState (from solver.init); got {type(state).__name__}")
+        K = self.plan.cx.shape[1]
+        x_shape, hist_shape = tuple(jnp.shape(state.x)), tuple(jnp.shape(state.hist))
+        if hist_shape != (K,) + x_shape or (state.y is None) == self._has_y or (
+                state.y is not None and tuple(jnp.shape(state.y)) != x_shape):
+            raise ValueError(
+                f"{where}(): the state is not one of this solver's: this {self.options.method} solver keeps "
+                f"{'x and y' if self._has_y else 'x (no y)'} and a history of K = {K} outputs of the sample's shape, "
+                f"hist (K, *x.shape) = {(K,) + x_shape}; the state has {'no y' if state.y is None else 'y'} and hist "
+                f"{hist_shape} (use the state of this solver's init)")
+        if not _is_traced(state.i):
+            i = int(state.i)
+            end = self.num_evals - 1 if before_end else self.num_evals
+            if not 0 <= i <= end:
+                raise ValueError(f"{where}(): state.i = {i} is past the last of num_evals = {self.num_evals} steps "
+                                 f"(the loop runs i = 0 .. {self.num_evals - 1}); the sample is solver.result(state)"
+                                 if i >= self.num_evals else f"{where}(): state.i = {i} must be >= 0")
 
     def current(self, state: SolverState):
         """``(x, t)``: the latest completed solution estimate (user scale) and its time.
