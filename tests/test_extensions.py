@@ -104,6 +104,7 @@ DEFAULT_TOL = (0.05, 0.0078)  # (rtol, atol): the authors' defaults
 TIGHT_TOL = (0.002, 0.0002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [2, 3])
 def test_adaptive_accuracy_nfe_and_tightening(order):
     errs, nfes = [], []
@@ -160,6 +161,7 @@ def test_adaptive_options_are_validated(kw, name):
         dpmjax.sample(lambda p, x, t: x, None, None, (B, D), schedule=VP, method="adaptive", order=2, noise=_noise0(), **kw)
 
 
+@pytest.mark.slow
 def test_fixed_methods_report_nfe():
     # multistep/UniPC NFE checks ride along in the invert and UniPC tests; here
     # singlestep (DPM-Solver-fast mixed orders) and denoise_to_zero.
@@ -184,6 +186,7 @@ def test_fixed_methods_report_nfe():
 SDE_ALGS = ("sde-dpmsolver++", "sde-dpmsolver")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", SDE_ALGS)
 @pytest.mark.parametrize("order", [1, 2])
 def test_sde_noise_comes_from_key(algorithm, order):
@@ -219,6 +222,7 @@ def sde_stats(algorithm, order, steps, key):
     return x, (x.mean(0) - mean) / se_mean, (x.std(0) - std) / se_std, x.std(0) - std
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", SDE_ALGS)
 def test_sde_order2_matches_gaussian_statistics(algorithm):
     """4000 key-drawn samples at 50 steps (logSNR grid): mean and std of each dimension
@@ -235,6 +239,7 @@ def test_sde_order2_matches_gaussian_statistics(algorithm):
     assert rms(x0 - x1) > 0.1  # different keys, different samples
 
 
+@pytest.mark.slow
 def test_sde_order1_bias_shrinks_with_steps():
     """SDE-DPM-Solver++-1 is weakly first order: at 25 logSNR steps its sample std is
     visibly too small (measured -14 and -16 standard errors), at 200 steps the bias is 4x smaller."""
@@ -257,6 +262,7 @@ def unipc(variant, order, steps, **kw):
                lower_order_final=False, return_info=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_unipc_convergence_order(variant, order):
@@ -273,6 +279,7 @@ def test_unipc_convergence_order(variant, order):
     assert order + 1 - 0.35 < p < order + 1 + 0.4, (p, errs)
 
 
+@pytest.mark.slow
 def test_unipc_disable_corrector():
     """``disable_corrector`` names steps 1-based; step i's corrector is the one that
     corrects step i's prediction (at ts[i]); the last step has none."""
@@ -316,6 +323,7 @@ def _z_exact():
 INV_STEPS = (10, 20, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [2, 3])
 def test_invert_round_trip(order):
     kw = dict(order=order, skip_type="logSNR", return_info=True)
@@ -474,6 +482,7 @@ def test_edm_adaptive_stopped_early_returns_nan():
 STEPS3 = (10, 20, 40)
 
 
+@pytest.mark.slow
 def test_edm_denoiser_convergence_and_ve_scale():
     errs = []
     for steps in STEPS3:
@@ -506,6 +515,7 @@ def test_edm_noise_model_agrees_with_denoiser():
     np.testing.assert_allclose(np.asarray(x_again), np.asarray(x_d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_edm_logsnr_convergence():
     errs = [check_user_scale_run(EDM_S, edm_denoiser, "edm", n, "logSNR", "dpmsolver++", 80.0)[2]
             for n in (20, 40)]
@@ -513,6 +523,7 @@ def test_edm_logsnr_convergence():
     assert 1.6 < p < 2.5, (p, errs)
 
 
+@pytest.mark.slow
 def test_rectified_flow_velocity_convergence():
     errs = []
     for steps in STEPS3:
@@ -537,6 +548,7 @@ GRID_SCHEDULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GRID_SCHEDULES))
 def test_grids_are_decreasing_with_exact_end_points(name):
     s = GRID_SCHEDULES[name]()
@@ -573,6 +585,7 @@ def test_karras_is_edm_for_edm_schedule():
     np.testing.assert_allclose(e, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_custom_timesteps_reproduce_builtin_and_do_not_recompile():
     kw = dict(order=2, steps=10, return_info=True)
     builtin, _ = run(skip_type="logSNR", **kw)  # also the invert test's configuration
@@ -626,6 +639,7 @@ def _model_at_table(params, x, t):
     return _mf()(params, x, jnp.asarray(_mts10())[i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["multistep", "unipc"])
 def test_model_timesteps_change_the_network_input_only(method):
     kw = dict(order=2, steps=10, method=method, timesteps=jnp.asarray(_ts10()))
@@ -677,6 +691,7 @@ def test_invert_timesteps_must_increase():
         dpmjax.invert(_mf(), _gm(), _x_data(), schedule=VP, steps=10, timesteps=dpmjax.FittedGrid(ts[::-1], None))
 
 
+@pytest.mark.slow
 def test_grad_through_adaptive_is_a_clear_error():
     """Reverse mode cannot transpose the adaptive while_loop: a dpmjax ValueError saying
     so, not JAX's internal while_loop error."""
