@@ -74,6 +74,7 @@ def fitted_grid_only():
     return _fit(False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fitted", "fitted_grid_only"])
 def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
     grid, info = request.getfixturevalue(which)
@@ -98,6 +99,7 @@ def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
     assert err["fitted"] < 0.7 * err["start"], (info["start"], err)
 
 
+@pytest.mark.slow
 def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted, fitted_grid_only):
     # Exact error against the closed-form ODE solution, on starting noises the fit never saw.
     grid, info = fitted
@@ -119,6 +121,7 @@ def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted, fitted_grid_only
     assert error(timesteps=info["dp_grid"]) < fixed["logSNR"]
 
 
+@pytest.mark.slow
 def test_fit_for_unipc_lowers_the_exact_error_on_fresh_noise():
     """fit_timesteps(method="unipc"): the grid fitted for UniPC, run by UniPC on noise the
     fit never saw, is closer to the exact ODE solution than the logSNR grid."""

@@ -45,6 +45,7 @@ def rms(a):
     return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
 
 
+@pytest.mark.slow
 def test_bf16_model_float32_state(mixture):
     GM, MF32, NOISE = mixture
     ref = np.asarray(dpmjax.sample(MF32, GM, None, (B, 2), noise=NOISE, steps=400, **KW))
@@ -61,6 +62,7 @@ def test_bf16_model_float32_state(mixture):
     assert rms(x16 - x32) > 1e-3
 
 
+@pytest.mark.slow
 def test_float64_under_x64():
     with jax.enable_x64(True):
         # schedules, mixture and model built inside: float64 throughout
