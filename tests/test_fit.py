@@ -139,6 +139,7 @@ def test_fit_for_unipc_lowers_the_exact_error_on_fresh_noise():
     assert fitted < 0.1 * log_snr, (fitted, log_snr)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tmp_path, fitted):
     grid, _ = fitted
     dpmjax.save_timesteps(tmp_path / "grid.json", grid, steps=STEPS)

@@ -229,6 +229,7 @@ def _wait_for_checkpoint(run_dir, proc, at_least, timeout=120.0):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigint_stops_after_the_step_and_saves_it(tmp_path, reference):
     d = str(tmp_path / "interrupted")
     trainer = Trainer(tiny(), d)
