@@ -429,6 +429,7 @@ def _cmd_sample(args) -> int:
     if grid is not None:
         nfe = str(len(grid.timesteps) - 1) if solver["method"] != "adaptive" else nfe
         kwargs.update(steps=len(grid.timesteps) - 1, timesteps=grid)
+        del kwargs["skip_type"]  # the grid is the time grid (sample() refuses skip_type with timesteps=)
         where = f"grid {os.path.basename(args.timesteps)}"
     label = f"{name}, {nfe} NFE, {where}"
 

@@ -776,6 +776,8 @@ def _solver_options(name, cfg, *, steps, flow):
 
 def _edm(cfg, steps):
     smin, smax, rho = float(cfg["sigma_min"]), float(cfg["sigma_max"]), float(cfg["rho"])
+    if cfg["sigma_schedule"] == "karras" and not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"config key 'rho' (the exponent of the Karras sigmas) must be a finite number > 0; got {rho}")
     if cfg["sigma_schedule"] == "karras":
         sig = _karras(smin, smax, steps, rho)
     else:

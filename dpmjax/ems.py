@@ -72,7 +72,7 @@ import numpy as np
 
 from . import _cache
 from . import models as _models
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, check_model_type, check_times_in_range
 
 __all__ = ["EMS", "compute_ems", "save_ems", "load_ems", "degenerate_ems"]
 
@@ -131,6 +131,9 @@ def _grid(schedule, t_start, t_end, n_lambdas):
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
     t_start, t_end = _times(schedule, t_start, t_end)
+    # a VPDiscrete table starts at t_min = 1/N: below it lambda is extrapolated (NaN)
+    check_times_in_range(schedule, t_start, "t_start")
+    check_times_in_range(schedule, t_end, "t_end")
     dtype = jnp.result_type(float)
     lo = schedule.lambda_(jnp.asarray(t_start, dtype))
     hi = schedule.lambda_(jnp.asarray(t_end, dtype))
@@ -365,9 +368,10 @@ def compute_ems(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    from .solvers import check_model_type
-
-    check_model_type(model_type, schedule)
+    if model_type not in _models.MODEL_TYPES:
+        raise ValueError(f"model_type must be one of {', '.join(map(repr, _models.MODEL_TYPES))}; got {model_type!r}")
+    if isinstance(schedule, NoiseSchedule):
+        check_model_type(schedule, model_type)
     try:
         shape = tuple(int(d) for d in shape)
     except TypeError:

@@ -10,11 +10,18 @@ model_type    eps                                x0
 ============  =================================  =================================
 "noise"       out                                (x - sigma out) / alpha
 "x_start"     (x - alpha out) / sigma            out
-"v"           alpha out + sigma x                alpha x - sigma out
+"v"           (sigma x + alpha out) / r2         (alpha x - sigma out) / r2
 "score"       -sigma out                         (x + sigma^2 out) / alpha
 "edm"         (x - alpha out) / sigma            out   (a denoiser D(x; sigma))
 "flow"        x + alpha out                      x - sigma out   (v = eps - x0, alpha + sigma = 1)
 ============  =================================  =================================
+
+``v = alpha eps - sigma x0`` (Salimans & Ho 2022, Sec. 4, for VP schedules). With
+``x = alpha x0 + sigma eps``, ``alpha x - sigma v = (alpha^2 + sigma^2) x0`` and
+``sigma x + alpha v = (alpha^2 + sigma^2) eps``, so for any schedule the two predictions
+divide by ``r2 = alpha^2 + sigma^2``; it is 1 for the VP schedules (up to rounding), and
+``(1 - t)^2 + t^2`` for a rectified flow, where the VP forms ``alpha x - sigma v`` would be
+wrong. Which types go with which schedule: ``dpmjax.schedules.check_model_type``.
 
 Because the maps are affine with the same ``x``, classifier-free guidance
 ``eps_u + s (eps_c - eps_u)`` can be applied to the raw outputs before conversion.
@@ -52,7 +59,7 @@ def to_noise(out, x, alpha, sigma, model_type: str):
     if model_type in ("x_start", "edm"):
         return (x - alpha * out) / sigma
     if model_type == "v":
-        return alpha * out + sigma * x
+        return (sigma * x + alpha * out) / (alpha**2 + sigma**2)
     if model_type == "score":
         return -sigma * out
     raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
@@ -68,7 +75,7 @@ def to_data(out, x, alpha, sigma, model_type: str):
     if model_type == "flow":
         return x - sigma * out
     if model_type == "v":
-        return alpha * x - sigma * out
+        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
     if model_type == "score":
         return (x + sigma**2 * out) / alpha
     raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")

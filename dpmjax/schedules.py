@@ -662,3 +662,47 @@ class RectifiedFlow(NoiseSchedule):
     def solver_time(self, t_model):
         """Inverse of :meth:`model_time`: ``t_model / time_scale``."""
         return t_model / self.time_scale
+
+
+# --------------------------------------------------------------------------- model types
+
+#: The network output types (``model_type``) each kind of schedule takes. ``"flow"``
+#: (``v = eps - x0``) is the velocity of ``x_t = (1 - t) x0 + t eps`` and exists only for a
+#: rectified flow; ``"edm"`` is the denoiser ``D(x; sigma)`` of the EDM parameterisation.
+#: ``"v"`` (``alpha eps - sigma x0``) and ``"score"`` (``grad log p_t(x)``) are converted
+#: with the schedule's own ``alpha`` and ``sigma`` (:mod:`dpmjax.models`), which are those of
+#: the network's input for the VP schedules and rectified flows; an EDM network sees
+#: variance-exploding inputs, on which the solver's VP ``alpha`` and ``sigma`` would give a
+#: different ``v`` and score, so EDM takes the types whose values do not depend on the scale.
+_SCHEDULE_MODEL_TYPES = (
+    (EDM, ("noise", "x_start", "edm")),
+    (RectifiedFlow, ("noise", "x_start", "v", "score", "flow")),
+)
+_VP_MODEL_TYPES = ("noise", "x_start", "v", "score")
+_WHY = {
+    "flow": "model_type='flow' (v = eps - x0 of x_t = (1 - t) x0 + t eps) needs schedule=dpmjax.RectifiedFlow()",
+    "edm": "model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()",
+}
+
+
+def model_types_of(schedule) -> tuple:
+    """The ``model_type`` values that go with ``schedule`` (see ``_SCHEDULE_MODEL_TYPES``)."""
+    for cls, types in _SCHEDULE_MODEL_TYPES:
+        if isinstance(schedule, cls):
+            return types
+    return _VP_MODEL_TYPES
+
+
+def check_model_type(schedule, model_type) -> str:
+    """Raise ``ValueError`` unless ``model_type`` goes with ``schedule``: the one rule that
+    :func:`dpmjax.sample`, :func:`dpmjax.solver` and :func:`dpmjax.compute_ems` share.
+    (``model_type`` must already be one of :data:`dpmjax.MODEL_TYPES`.)"""
+    allowed = model_types_of(schedule)
+    if model_type not in allowed:
+        why = _WHY.get(model_type)
+        if why is None:
+            why = (f"model_type={model_type!r} is not defined for {type(schedule).__name__}: its network sees "
+                   "variance-exploding inputs x = x0 + sigma eps, where the solver's alpha and sigma are those of the "
+                   "equivalent VP process")
+        raise ValueError(f"{why}; {type(schedule).__name__} takes model_type {', '.join(map(repr, allowed))}")
+    return model_type

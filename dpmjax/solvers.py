@@ -224,13 +224,11 @@ def _check_orders(orders, method, order, steps):
 
 
 def check_model_type(model_type, schedule):
-    """``model_type`` is one of :data:`dpmjax.MODEL_TYPES` and goes with ``schedule``."""
+    """``model_type`` is one of :data:`dpmjax.MODEL_TYPES` and goes with ``schedule``
+    (:func:`dpmjax.schedules.check_model_type`, the one rule of which type goes with which
+    schedule)."""
     _choice("model_type", model_type, _models.MODEL_TYPES)
-    if model_type == "flow" and not isinstance(schedule, _schedules.RectifiedFlow):
-        raise ValueError("model_type='flow' (v = eps - x0) needs schedule=dpmjax.RectifiedFlow()")
-    if model_type == "edm" and not isinstance(schedule, _schedules.EDM):
-        raise ValueError("model_type='edm' (a denoiser D(x; sigma)) needs schedule=dpmjax.EDM()")
-    return model_type
+    return _schedules.check_model_type(schedule, model_type)
 
 
 def make_options(schedule, method: Method, grid, *, model_type="noise", thresholding=None,
@@ -438,6 +436,8 @@ class Solver:
         ``x_T ~ N(0, sigma_max^2)``). ``key``: the PRNG key of the SDE noise (the SDE
         algorithms need it unless every :meth:`step` gets ``noise=``; ignored otherwise)."""
         dtype = self.plan.ax.dtype
+        if jnp.ndim(x_T) < 1:
+            raise ValueError(f"x_T must be a batch of shape (B, *sample_shape); got shape {jnp.shape(x_T)}")
         x = jnp.asarray(x_T).astype(dtype) * self.start_scale
         if self.plan.g_p is not None and tuple(x.shape[1:]) != tuple(self.plan.g_p.shape[1:]):
             raise ValueError(f"x_T must have shape (B, *sample_shape) with the EMS' sample shape "
@@ -456,26 +456,76 @@ class Solver:
         )
 
     def model_inputs(self, state: SolverState):
-        """``(x_in, t_in)``: the network input (user scale) and its time values, shape ``(B,)``."""
+        """``(x_in, t_in)``: the network input (user scale) and its time values, shape ``(B,)``.
+        A concrete state past the last evaluation raises ``ValueError``."""
+        self._check_state(state, "model_inputs", before_end=True)
         return self._inputs(state, self._row(state.i))
 
     def step(self, state: SolverState, out, noise=None, correcting_xt_fn=None) -> SolverState:
         """Advance by one model evaluation. ``out``: the raw network output at
         :meth:`model_inputs` (any float dtype; converted to the solver's). ``noise``: the
-        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key).
-        ``correcting_xt_fn(x, t, step) -> x``: applied to the state when this evaluation
-        completes a step (user scale; ``step`` 1-based), as :func:`dpmjax.sample` does."""
+        ``N(0, I)`` draw of an SDE step (default: drawn from the state's key); a
+        deterministic solver refuses it. ``correcting_xt_fn(x, t, step) -> x``: applied to
+        the state when this evaluation completes a step (user scale; ``step`` 1-based), as
+        :func:`dpmjax.sample` does.
+
+        A state of another solver (another history size ``K``, sample shape or method) is
+        refused. After the last evaluation (``state.i == num_evals``) a concrete state
+        raises ``ValueError``; inside ``jit`` (traced ``state.i``) such a step is inert:
+        it returns the state unchanged, so a loop that runs too long keeps the finished
+        sample."""
+        self._check_state(state, "step", before_end=True)
+        if noise is not None and self.plan.nz is None:
+            raise ValueError(f"noise= applies only to the SDE algorithms ('sde-dpmsolver++', 'sde-dpmsolver'); this "
+                             f"solver's algorithm={self.options.algorithm!r} is deterministic: remove noise")
         correct = flags = None
         if correcting_xt_fn is not None:
             correct = _user_correcting(correcting_xt_fn)
             flags = (jnp.asarray(self.layout.x_step, jnp.int32)[state.i],
                      jnp.asarray(self.layout.y_step, jnp.int32)[state.i])
-        return self._advance(state, out, self._row(state.i), noise=noise, correct=correct, flags=flags)
+        live = state.i < self.num_evals if _is_traced(state.i) else None
+        return self._advance(state, out, self._row(state.i), noise=noise, correct=correct, flags=flags, live=live)
 
     def result(self, state: SolverState):
-        """The sample (user scale) after :attr:`num_evals` steps."""
+        """The sample (user scale) after :attr:`num_evals` steps. An unfinished state
+        (``state.i < num_evals``) raises ``ValueError`` when concrete; inside ``jit`` its
+        result is NaN (never a half-solved sample)."""
+        self._check_state(state, "result")
+        if not _is_traced(state.i) and int(state.i) != self.num_evals:
+            raise ValueError(f"result() needs a finished state: state.i = {int(state.i)} of num_evals = "
+                             f"{self.num_evals} steps (call step() until state.i == solver.num_evals)")
+        x = self._result(state)
+        if _is_traced(state.i):
+            x = jnp.where(state.i == self.num_evals, x, jnp.asarray(jnp.nan, x.dtype))
+        return x
+
+    def _result(self, state: SolverState):
+        """:meth:`result` without its checks (the drivers of :func:`dpmjax.sample`)."""
         x = state.x if state.y is None else state.y
         return x / self.end_scale
+
+    def _check_state(self, state, where, before_end=False):
+        """Refuse a state that is not this solver's (its layout: ``y`` present or not,
+        ``hist`` of ``K`` slots of the sample's shape) and, when concrete, one outside the
+        loop (``0 <= i <= num_evals``; ``before_end``: ``i < num_evals``)."""
+        if not isinstance(state, SolverState):
+            raise TypeError(f"{where}() takes a SolverState (from solver.init); got {type(state).__name__}")
+        K = self.plan.cx.shape[1]
+        x_shape, hist_shape = tuple(jnp.shape(state.x)), tuple(jnp.shape(state.hist))
+        if hist_shape != (K,) + x_shape or (state.y is None) == self._has_y or (
+                state.y is not None and tuple(jnp.shape(state.y)) != x_shape):
+            raise ValueError(
+                f"{where}(): the state is not one of this solver's: this {self.options.method} solver keeps "
+                f"{'x and y' if self._has_y else 'x (no y)'} and a history of K = {K} outputs of the sample's shape, "
+                f"hist (K, *x.shape) = {(K,) + x_shape}; the state has {'no y' if state.y is None else 'y'} and hist "
+                f"{hist_shape} (use the state of this solver's init)")
+        if not _is_traced(state.i):
+            i = int(state.i)
+            end = self.num_evals - 1 if before_end else self.num_evals
+            if not 0 <= i <= end:
+                raise ValueError(f"{where}(): state.i = {i} is past the last of num_evals = {self.num_evals} steps "
+                                 f"(the loop runs i = 0 .. {self.num_evals - 1}); the sample is solver.result(state)"
+                                 if i >= self.num_evals else f"{where}(): state.i = {i} must be >= 0")
 
     def current(self, state: SolverState):
         """``(x, t)``: the latest completed solution estimate (user scale) and its time.
@@ -578,16 +628,20 @@ class Solver:
         return _models.convert(out.astype(y.dtype), y, row.alpha, row.sigma, o.model_type, o.predict_data,
                                o.thresholding)
 
-    def _advance(self, state, out, row, noise=None, correct=None, flags=None):
+    def _advance(self, state, out, row, noise=None, correct=None, flags=None, live=None):
         """One row: convert and store the model output, update ``x`` (and ``y``).
 
         ``correct(x, t, step, scale)`` with ``flags = (x_step, y_step)`` (traced ints of the
-        row) applies ``correcting_xt_fn`` to a state that completes a step (sample's driver;
-        ``scale`` is the state scale at ``t``)."""
+        row) applies ``correcting_xt_fn`` to a state that completes a step (``scale`` is the
+        state scale at ``t``). ``live`` (a traced bool, or ``None``): when false the row is
+        inert and the state comes back unchanged; the selects are elementwise, so they fuse
+        with the update (no copy of the history)."""
         y = state.x if state.y is None else state.y
         m = self._convert(out, y, row)
         if row.g_p is not None:  # DPM-Solver-v3 stores G = p m + q y + r (per dimension)
             m = row.g_p * m + row.g_q * y + row.g_r
+        if live is not None:
+            m = jnp.where(live, m, jax.lax.dynamic_index_in_dim(state.hist, row.slot, 0, keepdims=False))
         hist = jax.lax.dynamic_update_index_in_dim(state.hist, m, row.slot, 0)
         x = row.ax * state.x + _combine(row.cx, hist)
         if row.bx is not None:
@@ -613,6 +667,10 @@ class Solver:
             if correct is not None and any(self.layout.y_step):
                 y_new = jax.lax.cond(flags[1] > 0, lambda v: correct(v, row.t_y, flags[1], row.y_scale), lambda v: v,
                                      y_new)
+        if live is not None:
+            x = jnp.where(live, x, state.x)
+            y_new = None if y_new is None else jnp.where(live, y_new, state.y)
+            return SolverState(x=x, y=y_new, hist=hist, i=state.i + live.astype(state.i.dtype), key=state.key)
         return SolverState(x=x, y=y_new, hist=hist, i=state.i + 1, key=state.key)
 
 

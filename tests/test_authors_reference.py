@@ -114,7 +114,16 @@ def test_fixture_records_its_provenance():
     assert {c["method"] for c in CONFIGS} == {"multistep", "singlestep", "singlestep_fixed", "adaptive", "unipc"}
 
 
-@pytest.mark.parametrize("index", SELECTED, ids=[_id(CONFIGS[i]) for i in SELECTED])
+def _params():
+    """The selected configurations; the first of each method is in the quick tier, the rest slow."""
+    first = {}
+    for i in SELECTED:
+        first.setdefault(CONFIGS[i]["method"], i)
+    return [pytest.param(i, id=_id(CONFIGS[i]), marks=() if i in first.values() else pytest.mark.slow)
+            for i in SELECTED]
+
+
+@pytest.mark.parametrize("index", _params())
 def test_matches_authors_code(x64, index):
     c = dict(CONFIGS[index])
     sched, model_fn = _schedule_and_model(c.pop("schedule"), c["model_type"])

@@ -104,6 +104,7 @@ def test_sample_2d(capsys, moons_run, tmp_path):
     assert code == 2 and "class-conditional" in error_line(err)
 
 
+@pytest.mark.slow
 def test_fit_steps_then_sample_with_the_grid(capsys, moons_run, tmp_path):
     grid = str(tmp_path / "grid.json")
     # fitted for UniPC here (the demo test covers the multistep default)
@@ -156,6 +157,7 @@ def test_sample_a_corrupt_checkpoint(capsys, moons_run, tmp_path, damage):
     assert code == 2 and d in line and ("corrupt run config" in line or "cannot restore" in line)
 
 
+@pytest.mark.slow
 def test_digits_train_and_guided_class_grid(capsys, tmp_path):
     d = str(tmp_path / "digits")
     code, out, _ = run(capsys, "train", "--data", "digits", "--steps", "30", "--channels", "4",
@@ -185,6 +187,7 @@ def _table(out):
     return rows
 
 
+@pytest.mark.slow
 def test_demo_dpm_solver_pp_beats_ddim_at_10_nfe(capsys, tmp_path, monkeypatch):
     # a briefly trained moons model: at 10 model evaluations DPM-Solver++(2M) lands closer to the data
     # (sliced Wasserstein distance, the demo's metric) and to the 200-NFE solution than DDIM does;
@@ -288,6 +291,7 @@ def test_bad_paths_exit_2_with_one_line(capsys, tmp_path, monkeypatch, argv, mes
     assert code == 2 and message in error_line(err)
 
 
+@pytest.mark.slow
 def test_output_files_are_checked_before_any_work(capsys, moons_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     a_file = tmp_path / "a-file"
@@ -388,6 +392,7 @@ def _cli_subprocess(argv, fsize=None, cwd=None):
     return r.returncode, [l for l in r.stderr.splitlines() if l.strip()]
 
 
+@pytest.mark.slow
 def test_failed_reads_and_writes_print_one_line(moons_run, tmp_path):
     # (subprocesses: orbax's leftover coroutines report at interpreter exit)
     # a damaged array chunk of a checkpoint
@@ -417,6 +422,7 @@ def test_failed_reads_and_writes_print_one_line(moons_run, tmp_path):
 # -- adaptive, grids fitted for a solver, progress, loading from Python -------------------
 
 
+@pytest.mark.slow
 def test_adaptive_reports_its_real_nfe_and_fails_when_unfinished(capsys, moons_run, tmp_path):
     import jax
 
@@ -437,6 +443,7 @@ def test_adaptive_reports_its_real_nfe_and_fails_when_unfinished(capsys, moons_r
     assert not os.path.exists(tmp_path / "b.png")
 
 
+@pytest.mark.slow
 def test_grid_fitted_for_another_solver_is_refused(capsys, moons_run, tmp_path):
     grid = str(tmp_path / "grid.json")
     dpmjax.save_timesteps(grid, np.linspace(1.0, 1e-3, 5), algorithm="dpmsolver++", method="unipc", order=2)
@@ -451,6 +458,7 @@ def test_grid_fitted_for_another_solver_is_refused(capsys, moons_run, tmp_path):
     assert code == 2 and "--order 3 (fitted for 2)" in error_line(err)
 
 
+@pytest.mark.slow
 def test_fit_steps_without_refinement_reports_the_dynamic_program(capsys, moons_run, tmp_path):
     grid = str(tmp_path / "dp.json")
     code, out, _ = run(capsys, "fit-steps", "--checkpoint", moons_run, "--steps", "3", "--trajectories", "16",
@@ -490,6 +498,7 @@ def test_loading_a_run_from_python_is_quiet(moons_run, caplog):
     assert int(state.step) == 30
     assert not [r for r in caplog.records if "read only" in r.getMessage()], caplog.text
 
+@pytest.mark.slow
 def test_compute_ems_then_sample_with_v3(capsys, moons_run, tmp_path):
     """compute-ems writes finite statistics in the authors' layout (l.npz, sb.npz, plus the
     grid); sample --method v3 --ems samples with them; v3 and --ems need each other."""

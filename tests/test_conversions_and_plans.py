@@ -132,6 +132,7 @@ def test_unipc_orders(order, steps, lof):
     assert ts.multistep_orders(order, steps, lof, final_below=None) == UNIPC[(order, steps, lof)]
 
 
+@pytest.mark.slow
 def test_time_grids_closed_forms():
     """Each skip type's closed form on VPLinear (float32, to rounding)."""
     s = dpmjax.VPLinear()

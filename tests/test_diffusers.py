@@ -61,6 +61,7 @@ def _schedule_sigma(schedule, ts):
 MAPPED = list(NAMES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MAPPED)
 def test_grid_orders_and_network_times_match_diffusers(name):
     schedule, options = _load(name)
@@ -195,6 +196,7 @@ net.learned_range = False
 E2E = [n for n in MAPPED if "x_T_" + n in DATA and "noise_" + n not in DATA]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", E2E)
 def test_sample_matches_diffusers_loop(name):
     cfg, steps, mu = _entry(name)
@@ -220,6 +222,7 @@ def test_sample_matches_diffusers_loop(name):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.max(np.abs(want)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in NAMES if "noise_" + n in DATA])
 def test_sde_step_api_with_recorded_noise(name):
     schedule, options = _load(name)

@@ -103,6 +103,7 @@ def _runs(kind, sched_name):
     return _cached(("runs", kind, sched_name), go)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, sched_name", KINDS, ids=[k for k, _ in KINDS])
 def test_every_model_type_equals_the_noise_network(x64, kind, sched_name):
     """x_start/v/score (VP), flow (RectifiedFlow) and edm (EDM) networks give the sample of
@@ -193,6 +194,7 @@ def _sde_solver(alg, order, st):
 _JIT_STEP = jax.jit(lambda s, state, out, z: s.step(state, out, noise=z))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alg, order, solver_type", SDE_CASES)
 def test_sde_step_api_matches_numpy_reference(x64, alg, order, solver_type):
     solver, orders = _sde_solver(alg, order, solver_type)
@@ -220,6 +222,7 @@ class SolverStepVariantsTest(chex.TestCase):
 
 # --------------------------------------------------------------------------- 3. classifier guidance
 
+@pytest.mark.slow
 def test_classifier_guidance_with_nets_mlp(x64):
     """``sample(classifier_fn=..., condition=labels)`` with ``nets.MLP`` (which refuses a
     condition: the noise network is called without it) equals the unguided sample of the
@@ -306,6 +309,7 @@ def _hand_loop(solver, hook=None):
     return np.asarray(solver.result(state)), calls, states
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", HOOK_METHODS, ids=lambda kw: f"{kw['method']}{kw['order']}")
 def test_correcting_xt_fn_and_intermediates_equal_a_hand_loop(x64, kw):
     sched = schedule("vp")
@@ -330,6 +334,7 @@ def test_correcting_xt_fn_and_intermediates_equal_a_hand_loop(x64, kw):
     assert_close(states[-1], x, 1e-12, "last state")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(method="singlestep", order=3, steps=30), dict(method="unipc", order=3, steps=30)],
                          ids=["singlestep", "unipc"])
 def test_invert_singlestep_and_unipc(x64, kw):

@@ -21,6 +21,8 @@ recompile) and configurations are shared between tests where possible.
 from __future__ import annotations
 
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,20 +34,38 @@ from conftest import compiled_during
 VP = dpmjax.VPLinear()
 MU = np.array([1.0, -0.5])
 SD = np.array([0.5, 0.8])
-GM = dpmjax.GaussianMixture.gaussian(jnp.asarray(MU), jnp.asarray(SD))
-MF = GM.model_fn(VP)  # one object: model_fn is a static jit argument
 B, D = 64, 2
-NOISE = jax.random.normal(jax.random.key(0), (B, D))
-EXACT = np.asarray(GM.ode_solution(NOISE, VP, VP.T, VP.t_eps))
+
+
+# The shared data, computed on first use and kept for the process (as a session fixture
+# would be): nothing is computed with JAX while the tests are collected.
+@functools.cache
+def _gm():
+    return dpmjax.GaussianMixture.gaussian(jnp.asarray(MU), jnp.asarray(SD))
+
+
+@functools.cache
+def _mf():
+    return _gm().model_fn(VP)  # one object: model_fn is a static jit argument
+
+
+@functools.cache
+def _noise0():
+    return jax.random.normal(jax.random.key(0), (B, D))
+
+
+@functools.cache
+def _exact():
+    return np.asarray(_gm().ode_solution(_noise0(), VP, VP.T, VP.t_eps))
 
 
 _CALLS = [0]
 
 
 def counting_mf(p, x, t):
-    """MF that counts its evaluations at run time (a host callback per call)."""
+    """_mf() that counts its evaluations at run time (a host callback per call)."""
     jax.debug.callback(lambda: _CALLS.__setitem__(0, _CALLS[0] + 1))
-    return MF(p, x, t)
+    return _mf()(p, x, t)
 
 
 def counted(**kw):
@@ -56,9 +76,11 @@ def counted(**kw):
     return out, _CALLS[0]
 
 
-def run(model_fn=MF, schedule=VP, noise=NOISE, key=None, shape=None, **kw):
+def run(model_fn=None, schedule=VP, noise=None, key=None, shape=None, **kw):
+    model_fn = _mf() if model_fn is None else model_fn
+    noise = _noise0() if noise is None else noise
     shape = tuple(noise.shape) if shape is None else shape
-    return dpmjax.sample(model_fn, GM, key, shape, schedule=schedule, noise=noise, **kw)
+    return dpmjax.sample(model_fn, _gm(), key, shape, schedule=schedule, noise=noise, **kw)
 
 
 def rms(a):
@@ -82,10 +104,11 @@ DEFAULT_TOL = (0.05, 0.0078)  # (rtol, atol): the authors' defaults
 TIGHT_TOL = (0.002, 0.0002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [2, 3])
 def test_adaptive_accuracy_nfe_and_tightening(order):
     errs, nfes = [], []
-    scale = rms(EXACT)  # ~1: the data's size
+    scale = rms(_exact())  # ~1: the data's size
     for rtol, atol in (DEFAULT_TOL, TIGHT_TOL):
         (x, info), calls = counted(method="adaptive", order=order, rtol=rtol, atol=atol)
         info = as_np(info)
@@ -93,7 +116,7 @@ def test_adaptive_accuracy_nfe_and_tightening(order):
         assert info["nfe"] == order * (info["accepted"] + info["rejected"]) == calls
         assert info["accepted"] >= 2 and not info["hit_max_nfe"]
         assert abs(float(info["t_final"]) - VP.t_eps) <= 1e-5  # t_err
-        err = rms(np.asarray(x) - EXACT)
+        err = rms(np.asarray(x) - _exact())
         # The controller keeps each accepted step's estimated local error below
         # delta = max(atol, rtol |x|) (and the accepted solution is the higher-order one);
         # the flow of a Gaussian with std < 1 does not amplify errors, so the global error
@@ -125,7 +148,7 @@ def test_adaptive_with_a_nan_model_stops_at_once_and_returns_nan():
     """A model returning NaN makes every error estimate NaN: the loop stops after one
     attempt (not at max_nfe) and the result is NaN, not x_T."""
     x, info = dpmjax.sample(lambda p, x, t: jnp.full_like(x, jnp.nan), None, None, (B, D), schedule=VP,
-                            method="adaptive", order=2, noise=NOISE, return_info=True)
+                            method="adaptive", order=2, noise=_noise0(), return_info=True)
     assert int(info["nfe"]) == 2 and not bool(info["finished"]) and not bool(info["hit_max_nfe"])
     assert np.all(np.isnan(np.asarray(x)))
 
@@ -135,15 +158,16 @@ def test_adaptive_with_a_nan_model_stops_at_once_and_returns_nan():
                                       (dict(max_nfe=1), "max_nfe"), (dict(rtol=-1.0), "rtol")])
 def test_adaptive_options_are_validated(kw, name):
     with pytest.raises(ValueError, match=name):
-        dpmjax.sample(lambda p, x, t: x, None, None, (B, D), schedule=VP, method="adaptive", order=2, noise=NOISE, **kw)
+        dpmjax.sample(lambda p, x, t: x, None, None, (B, D), schedule=VP, method="adaptive", order=2, noise=_noise0(), **kw)
 
 
+@pytest.mark.slow
 def test_fixed_methods_report_nfe():
     # multistep/UniPC NFE checks ride along in the invert and UniPC tests; here
     # singlestep (DPM-Solver-fast mixed orders) and denoise_to_zero.
     (x, info), calls = counted(method="singlestep", order=3, steps=10, skip_type="logSNR")
     assert int(info["nfe"]) == 10 == calls
-    assert rms(np.asarray(x) - EXACT) < 0.05
+    assert rms(np.asarray(x) - _exact()) < 0.05
     (x, info), calls = counted(order=2, steps=10, skip_type="logSNR", denoise_to_zero=True)
     assert int(info["nfe"]) == 11 == calls
     # the result is the exact posterior mean x0(x, t_end) = E[x0 | x_t_end] of the plain run's x
@@ -162,6 +186,7 @@ def test_fixed_methods_report_nfe():
 SDE_ALGS = ("sde-dpmsolver++", "sde-dpmsolver")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", SDE_ALGS)
 @pytest.mark.parametrize("order", [1, 2])
 def test_sde_noise_comes_from_key(algorithm, order):
@@ -175,7 +200,7 @@ def test_sde_noise_comes_from_key(algorithm, order):
     # differ by about the injected noise (O(0.1) at this size)
     assert rms(a - c) > 0.05
     # and the SDE is not the ODE: same x_T, deterministic run, different result
-    assert rms(a - EXACT) > 0.05
+    assert rms(a - _exact()) > 0.05
 
 
 def target_moments(t):
@@ -188,7 +213,7 @@ SDE_N = 4000
 
 def sde_stats(algorithm, order, steps, key):
     x = np.asarray(
-        dpmjax.sample(MF, GM, jax.random.key(key), (SDE_N, D), schedule=VP, algorithm=algorithm,
+        dpmjax.sample(_mf(), _gm(), jax.random.key(key), (SDE_N, D), schedule=VP, algorithm=algorithm,
                       order=order, steps=steps, skip_type="logSNR"),
         np.float64,
     )
@@ -197,6 +222,7 @@ def sde_stats(algorithm, order, steps, key):
     return x, (x.mean(0) - mean) / se_mean, (x.std(0) - std) / se_std, x.std(0) - std
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", SDE_ALGS)
 def test_sde_order2_matches_gaussian_statistics(algorithm):
     """4000 key-drawn samples at 50 steps (logSNR grid): mean and std of each dimension
@@ -213,6 +239,7 @@ def test_sde_order2_matches_gaussian_statistics(algorithm):
     assert rms(x0 - x1) > 0.1  # different keys, different samples
 
 
+@pytest.mark.slow
 def test_sde_order1_bias_shrinks_with_steps():
     """SDE-DPM-Solver++-1 is weakly first order: at 25 logSNR steps its sample std is
     visibly too small (measured -14 and -16 standard errors), at 200 steps the bias is 4x smaller."""
@@ -235,6 +262,7 @@ def unipc(variant, order, steps, **kw):
                lower_order_final=False, return_info=True, **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["bh1", "bh2"])
 @pytest.mark.parametrize("order", [1, 2])
 def test_unipc_convergence_order(variant, order):
@@ -245,12 +273,13 @@ def test_unipc_convergence_order(variant, order):
     for steps in UNIPC_STEPS:
         x, info = unipc(variant, order, steps)
         assert int(info["nfe"]) == steps
-        errs.append(rms(np.asarray(x) - EXACT))
+        errs.append(rms(np.asarray(x) - _exact()))
     assert errs[0] > errs[1] > errs[2], errs
     p = fitted_order(UNIPC_STEPS, errs)
     assert order + 1 - 0.35 < p < order + 1 + 0.4, (p, errs)
 
 
+@pytest.mark.slow
 def test_unipc_disable_corrector():
     """``disable_corrector`` names steps 1-based; step i's corrector is the one that
     corrects step i's prediction (at ts[i]); the last step has none."""
@@ -274,29 +303,38 @@ def test_unipc_disable_corrector():
     np.testing.assert_allclose(np.asarray(none), np.asarray(ddim), rtol=1e-5, atol=1e-5)
     # ... which is first order and much less accurate than the corrected UniPC-1
     corrected, _ = unipc("bh1", 1, 16)
-    assert rms(np.asarray(none) - EXACT) > 3 * rms(np.asarray(corrected) - EXACT)
+    assert rms(np.asarray(none) - _exact()) > 3 * rms(np.asarray(corrected) - _exact())
 
 
 # --------------------------------------------------------------------------------------
 # invert / add_noise
 # --------------------------------------------------------------------------------------
 
-X_DATA = GM.sample(jax.random.key(3), B)
-Z_EXACT = np.asarray(GM.ode_solution(X_DATA, VP, VP.t_eps, VP.T))  # exact encoding
+@functools.cache
+def _x_data():
+    return _gm().sample(jax.random.key(3), B)
+
+
+@functools.cache
+def _z_exact():
+    return np.asarray(_gm().ode_solution(_x_data(), VP, VP.t_eps, VP.T))  # exact encoding
+
+
 INV_STEPS = (10, 20, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [2, 3])
 def test_invert_round_trip(order):
     kw = dict(order=order, skip_type="logSNR", return_info=True)
     rt_errs, z_errs = [], []
     for steps in INV_STEPS:
-        z, info = dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=steps, **kw)
+        z, info = dpmjax.invert(_mf(), _gm(), _x_data(), schedule=VP, steps=steps, **kw)
         assert int(info["nfe"]) == steps
         x_again, info = run(noise=z, steps=steps, **kw)
         assert int(info["nfe"]) == steps
-        z_errs.append(rms(np.asarray(z) - Z_EXACT))
-        rt_errs.append(rms(np.asarray(x_again) - np.asarray(X_DATA)))
+        z_errs.append(rms(np.asarray(z) - _z_exact()))
+        rt_errs.append(rms(np.asarray(x_again) - np.asarray(_x_data())))
     # the encoding itself converges to the exact ODE encoding
     assert z_errs[0] > z_errs[1] > z_errs[2], z_errs
     # (measured slopes: 1.9 for order 2, 2.3 for order 3; the first, low-noise steps of the
@@ -365,7 +403,9 @@ def edm_denoiser(p, x, sigma):
     return mu + s2 / (s2 + sg2) * (x - mu)
 
 
-MF_EDM_NOISE = GM.model_fn(EDM_S)
+@functools.cache
+def _mf_edm_noise():
+    return _gm().model_fn(EDM_S)
 
 
 def flow_velocity(p, x, t):
@@ -380,12 +420,12 @@ def exact_user(schedule, x_T_user, t_end):
     """Exact ODE solution in user scale from schedule.T to t_end."""
     a_T = np.asarray(schedule.state_scale(schedule.T))
     a_e = np.asarray(schedule.state_scale(t_end))
-    return np.asarray(GM.ode_solution(jnp.asarray(x_T_user) * a_T, schedule, schedule.T, t_end)) / a_e
+    return np.asarray(_gm().ode_solution(jnp.asarray(x_T_user) * a_T, schedule, schedule.T, t_end)) / a_e
 
 
 def run_user(model_fn, schedule, model_type, steps, skip_type, algorithm="dpmsolver++", key=11):
     """Key-drawn run; returns (x, states, info) with x_T = states[0] in user scale."""
-    return dpmjax.sample(model_fn, GM, jax.random.key(key), (B_SCALE, D), schedule=schedule,
+    return dpmjax.sample(model_fn, _gm(), jax.random.key(key), (B_SCALE, D), schedule=schedule,
                          model_type=model_type, algorithm=algorithm, order=2, steps=steps,
                          skip_type=skip_type, return_intermediate=True, return_info=True)
 
@@ -418,7 +458,7 @@ def test_edm_correcting_xt_fn_works_in_user_scale():
         return x.at[:, 0].set(7.0)
 
     x_T = jax.random.normal(jax.random.key(12), (8, D)) * EDM_S.T
-    x, states = dpmjax.sample(edm_denoiser, GM, None, (8, D), schedule=EDM_S, model_type="edm", order=2,
+    x, states = dpmjax.sample(edm_denoiser, _gm(), None, (8, D), schedule=EDM_S, model_type="edm", order=2,
                               steps=5, skip_type="karras", noise=x_T, correcting_xt_fn=pin,
                               return_intermediate=True)
     states = np.asarray(states)
@@ -432,7 +472,7 @@ def test_edm_adaptive_stopped_early_returns_nan():
     """method="adaptive" under EDM stopped by max_nfe: NaN (not a state at t_final),
     with info["t_final"] saying where it stopped."""
     x_T = jax.random.normal(jax.random.key(13), (B, D)) * EDM_S.T
-    x, info = dpmjax.sample(edm_denoiser, GM, None, (B, D), schedule=EDM_S, model_type="edm",
+    x, info = dpmjax.sample(edm_denoiser, _gm(), None, (B, D), schedule=EDM_S, model_type="edm",
                             method="adaptive", order=2, noise=x_T, max_nfe=6, return_info=True)
     assert bool(info["hit_max_nfe"]) and int(info["nfe"]) == 6 and not bool(info["finished"])
     assert 0.1 < float(info["t_final"]) < EDM_S.T
@@ -442,6 +482,7 @@ def test_edm_adaptive_stopped_early_returns_nan():
 STEPS3 = (10, 20, 40)
 
 
+@pytest.mark.slow
 def test_edm_denoiser_convergence_and_ve_scale():
     errs = []
     for steps in STEPS3:
@@ -462,18 +503,19 @@ def test_edm_denoiser_convergence_and_ve_scale():
 
 def test_edm_noise_model_agrees_with_denoiser():
     x_d, _, err_d = check_user_scale_run(EDM_S, edm_denoiser, "edm", 20, "karras", "dpmsolver++", 80.0)
-    x_n, _, err_n = check_user_scale_run(EDM_S, MF_EDM_NOISE, "noise", 20, "karras", "dpmsolver++", 80.0)
+    x_n, _, err_n = check_user_scale_run(EDM_S, _mf_edm_noise(), "noise", 20, "karras", "dpmsolver++", 80.0)
     # the same exact model in two parameterisations: the same sample (same key)
     np.testing.assert_allclose(x_n, x_d, atol=1e-3)
     assert err_n < 0.05
     # users pass VE-scale arrays too: noise = the key run's x_T (std 80) gives the same sample
     x_d, states, _ = run_user(edm_denoiser, EDM_S, "edm", 20, "karras")
-    x_again, _, _ = dpmjax.sample(edm_denoiser, GM, None, (B_SCALE, D), schedule=EDM_S, model_type="edm",
+    x_again, _, _ = dpmjax.sample(edm_denoiser, _gm(), None, (B_SCALE, D), schedule=EDM_S, model_type="edm",
                                   order=2, steps=20, skip_type="karras", noise=states[0],
                                   return_intermediate=True, return_info=True)
     np.testing.assert_allclose(np.asarray(x_again), np.asarray(x_d), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_edm_logsnr_convergence():
     errs = [check_user_scale_run(EDM_S, edm_denoiser, "edm", n, "logSNR", "dpmsolver++", 80.0)[2]
             for n in (20, 40)]
@@ -481,6 +523,7 @@ def test_edm_logsnr_convergence():
     assert 1.6 < p < 2.5, (p, errs)
 
 
+@pytest.mark.slow
 def test_rectified_flow_velocity_convergence():
     errs = []
     for steps in STEPS3:
@@ -505,6 +548,7 @@ GRID_SCHEDULES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GRID_SCHEDULES))
 def test_grids_are_decreasing_with_exact_end_points(name):
     s = GRID_SCHEDULES[name]()
@@ -541,6 +585,7 @@ def test_karras_is_edm_for_edm_schedule():
     np.testing.assert_allclose(e, ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_custom_timesteps_reproduce_builtin_and_do_not_recompile():
     kw = dict(order=2, steps=10, return_info=True)
     builtin, _ = run(skip_type="logSNR", **kw)  # also the invert test's configuration
@@ -556,7 +601,7 @@ def test_custom_timesteps_reproduce_builtin_and_do_not_recompile():
     other, _ = run(timesteps=ts2, **kw)
     other = np.asarray(other)
     assert rms(other - np.asarray(custom)) > 1e-3  # the new grid is really used
-    assert rms(other - EXACT) < 0.1
+    assert rms(other - _exact()) < 0.1
 
 
 @pytest.mark.parametrize(
@@ -578,54 +623,61 @@ def test_invalid_timesteps_raise(ts, match):
 
 
 # Decoupled network times (model_timesteps, Xia et al. 2024): a lookup model as the oracle.
-_TS10 = np.asarray(dpmjax.time_grid(VP, "logSNR", VP.T, VP.t_eps, 10))
-_MTS10 = np.clip(_TS10[:-1] * np.linspace(0.8, 1.2, 10), VP.t_eps, VP.T)  # shifted both ways
+@functools.cache
+def _ts10():
+    return np.asarray(dpmjax.time_grid(VP, "logSNR", VP.T, VP.t_eps, 10))
+
+
+@functools.cache
+def _mts10():
+    return np.clip(_ts10()[:-1] * np.linspace(0.8, 1.2, 10), VP.t_eps, VP.T)  # shifted both ways
 
 
 def _model_at_table(params, x, t):
-    """MF evaluated at _MTS10[i] where t is grid time _TS10[i]: what model_timesteps must do."""
-    i = jnp.argmin(jnp.abs(jnp.asarray(_TS10[:-1])[:, None] - t[None]), axis=0)
-    return MF(params, x, jnp.asarray(_MTS10)[i])
+    """_mf() evaluated at _mts10()[i] where t is grid time _ts10()[i]: what model_timesteps must do."""
+    i = jnp.argmin(jnp.abs(jnp.asarray(_ts10()[:-1])[:, None] - t[None]), axis=0)
+    return _mf()(params, x, jnp.asarray(_mts10())[i])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["multistep", "unipc"])
 def test_model_timesteps_change_the_network_input_only(method):
-    kw = dict(order=2, steps=10, method=method, timesteps=jnp.asarray(_TS10))
-    shifted = run(model_timesteps=jnp.asarray(_MTS10), **kw)
+    kw = dict(order=2, steps=10, method=method, timesteps=jnp.asarray(_ts10()))
+    shifted = run(model_timesteps=jnp.asarray(_mts10()), **kw)
     oracle = run(model_fn=_model_at_table, **kw)
     np.testing.assert_allclose(np.asarray(shifted), np.asarray(oracle), rtol=1e-6, atol=1e-6)
     plain = run(**kw)
     assert rms(np.asarray(shifted) - np.asarray(plain)) > 1e-3  # the shift is really applied
     # the grid's own times as model times reproduce the plain sampler; a FittedGrid carries both
-    same = run(model_timesteps=jnp.asarray(_TS10[:-1]), **kw)
+    same = run(model_timesteps=jnp.asarray(_ts10()[:-1]), **kw)
     np.testing.assert_allclose(np.asarray(same), np.asarray(plain), rtol=1e-6, atol=1e-6)
     kw.pop("timesteps")
-    packed = run(timesteps=dpmjax.FittedGrid(jnp.asarray(_TS10), jnp.asarray(_MTS10)), **kw)
+    packed = run(timesteps=dpmjax.FittedGrid(jnp.asarray(_ts10()), jnp.asarray(_mts10())), **kw)
     np.testing.assert_allclose(np.asarray(packed), np.asarray(shifted), rtol=1e-6, atol=1e-6)
 
 
 def test_new_model_timesteps_do_not_recompile():
-    kw = dict(order=2, steps=10, timesteps=jnp.asarray(_TS10))
-    first = run(model_timesteps=jnp.asarray(_MTS10), **kw)
-    compiled = compiled_during(lambda: run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw))
+    kw = dict(order=2, steps=10, timesteps=jnp.asarray(_ts10()))
+    first = run(model_timesteps=jnp.asarray(_mts10()), **kw)
+    compiled = compiled_during(lambda: run(model_timesteps=jnp.asarray(_mts10()[::-1].copy()), **kw))
     assert compiled == [], f"new model_timesteps values recompiled: {compiled}"
     # the new values were used (not a stale cached result)
-    assert rms(np.asarray(run(model_timesteps=jnp.asarray(_MTS10[::-1].copy()), **kw)) - np.asarray(first)) > 1e-3
+    assert rms(np.asarray(run(model_timesteps=jnp.asarray(_mts10()[::-1].copy()), **kw)) - np.asarray(first)) > 1e-3
 
 
 @pytest.mark.parametrize(
-    "kw, match",
-    [
-        (dict(model_timesteps=_MTS10[:-1]), "shape"),
-        (dict(model_timesteps=np.where(np.arange(10) == 3, 1.5, _MTS10)), "lie in"),
-        (dict(model_timesteps=np.where(np.arange(10) == 3, 0.0, _MTS10)), "lie in"),
-        (dict(model_timesteps=np.where(np.arange(10) == 3, np.nan, _MTS10)), "finite"),
-        (dict(model_timesteps=_MTS10, method="adaptive"), "adaptive"),
-        (dict(model_timesteps=_MTS10, timesteps=dpmjax.FittedGrid(_TS10, _MTS10)), "twice"),
+    "make_kw, match",
+    [  # the arguments are made in the test (the grid is computed on first use)
+        (lambda: dict(model_timesteps=_mts10()[:-1]), "shape"),
+        (lambda: dict(model_timesteps=np.where(np.arange(10) == 3, 1.5, _mts10())), "lie in"),
+        (lambda: dict(model_timesteps=np.where(np.arange(10) == 3, 0.0, _mts10())), "lie in"),
+        (lambda: dict(model_timesteps=np.where(np.arange(10) == 3, np.nan, _mts10())), "finite"),
+        (lambda: dict(model_timesteps=_mts10(), method="adaptive"), "adaptive"),
+        (lambda: dict(model_timesteps=_mts10(), timesteps=dpmjax.FittedGrid(_ts10(), _mts10())), "twice"),
     ],
 )
-def test_invalid_model_timesteps_raise(kw, match):
-    kw = dict(dict(order=2, steps=10), **kw)
+def test_invalid_model_timesteps_raise(make_kw, match):
+    kw = dict(dict(order=2, steps=10), **make_kw())
     with pytest.raises(ValueError, match="model_timesteps") as e:
         run(**kw)
     assert match in str(e.value)
@@ -634,19 +686,20 @@ def test_invalid_model_timesteps_raise(kw, match):
 def test_invert_timesteps_must_increase():
     ts = np.asarray(dpmjax.time_grid(VP, "logSNR", VP.T, VP.t_eps, 10))
     with pytest.raises(ValueError, match="timesteps"):
-        dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=jnp.asarray(ts))
+        dpmjax.invert(_mf(), _gm(), _x_data(), schedule=VP, steps=10, timesteps=jnp.asarray(ts))
     with pytest.raises(ValueError, match="FittedGrid"):
-        dpmjax.invert(MF, GM, X_DATA, schedule=VP, steps=10, timesteps=dpmjax.FittedGrid(ts[::-1], None))
+        dpmjax.invert(_mf(), _gm(), _x_data(), schedule=VP, steps=10, timesteps=dpmjax.FittedGrid(ts[::-1], None))
 
 
+@pytest.mark.slow
 def test_grad_through_adaptive_is_a_clear_error():
     """Reverse mode cannot transpose the adaptive while_loop: a dpmjax ValueError saying
     so, not JAX's internal while_loop error."""
 
     def loss(gm):
         return jnp.sum(dpmjax.sample(gm.model_fn(VP), gm, None, (B, D), schedule=VP, method="adaptive", order=2,
-                                     noise=NOISE))
+                                     noise=_noise0()))
 
-    assert np.isfinite(float(loss(GM)))  # the forward pass is unaffected
+    assert np.isfinite(float(loss(_gm())))  # the forward pass is unaffected
     with pytest.raises(ValueError, match="method='adaptive' cannot be differentiated"):
-        jax.grad(loss)(GM)
+        jax.grad(loss)(_gm())

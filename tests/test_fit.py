@@ -1,5 +1,7 @@
 """dpmjax.fit_timesteps: grids fitted to the model (dynamic programming + gradient refinement)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,9 +11,20 @@ import dpmjax
 from dpmjax.fit import _dynamic_program
 
 SCHED = dpmjax.VPLinear()
-# One sharp Gaussian: exact noise predictor and exact probability-flow ODE solution.
-GM = dpmjax.GaussianMixture.gaussian(jnp.array([0.5, -1.0]), 0.1)
-MODEL = GM.model_fn(SCHED)
+
+
+# One sharp Gaussian: exact noise predictor and exact probability-flow ODE solution (built
+# on first use, kept for the process: nothing is computed with JAX at collection).
+@functools.cache
+def _gm():
+    return dpmjax.GaussianMixture.gaussian(jnp.array([0.5, -1.0]), 0.1)
+
+
+@functools.cache
+def _model():
+    return _gm().model_fn(SCHED)
+
+
 STEPS = 4
 
 
@@ -45,7 +58,7 @@ def test_dynamic_program_order2_uses_history():
 def _fit(model_times):
     xT_fit = jax.random.normal(jax.random.key(1), (64, 2))
     return dpmjax.fit_timesteps(
-        MODEL, GM, None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
+        _model(), _gm(), None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
         n_candidates=16, fine_steps=128, refine_iters=40, model_times=model_times, return_info=True,
     )
 
@@ -61,6 +74,7 @@ def fitted_grid_only():
     return _fit(False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["fitted", "fitted_grid_only"])
 def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
     grid, info = request.getfixturevalue(which)
@@ -78,21 +92,22 @@ def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
     # Measured, on starting noises the fit never saw: the fitted grid beats the grid the
     # refinement started from (the best of the DP grid and the fixed grids on the fitting set).
     xT = jax.random.normal(jax.random.key(8), (128, 2))
-    exact = GM.ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
+    exact = _gm().ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
     start = {"timesteps": info["dp_grid"]} if info["start"] == "dp" else {"skip_type": info["start"]}
-    err = {name: _rms(dpmjax.sample(MODEL, GM, None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2, **g),
+    err = {name: _rms(dpmjax.sample(_model(), _gm(), None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2, **g),
                       exact) for name, g in (("fitted", {"timesteps": grid}), ("start", start))}
     assert err["fitted"] < 0.7 * err["start"], (info["start"], err)
 
 
+@pytest.mark.slow
 def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted, fitted_grid_only):
     # Exact error against the closed-form ODE solution, on starting noises the fit never saw.
     grid, info = fitted
     xT = jax.random.normal(jax.random.key(7), (256, 2))
-    exact = GM.ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
+    exact = _gm().ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
 
     def error(**grid):
-        x = dpmjax.sample(MODEL, GM, None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2, **grid)
+        x = dpmjax.sample(_model(), _gm(), None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2, **grid)
         return _rms(x, exact)
 
     fixed = {sk: error(skip_type=sk) for sk in dpmjax.timesteps.SKIP_TYPES}
@@ -106,23 +121,25 @@ def test_fitting_reduces_the_exact_error_on_fresh_noise(fitted, fitted_grid_only
     assert error(timesteps=info["dp_grid"]) < fixed["logSNR"]
 
 
+@pytest.mark.slow
 def test_fit_for_unipc_lowers_the_exact_error_on_fresh_noise():
     """fit_timesteps(method="unipc"): the grid fitted for UniPC, run by UniPC on noise the
     fit never saw, is closer to the exact ODE solution than the logSNR grid."""
     xT_fit = jax.random.normal(jax.random.key(2), (64, 2))
-    grid = dpmjax.fit_timesteps(MODEL, GM, None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
+    grid = dpmjax.fit_timesteps(_model(), _gm(), None, xT_fit.shape, schedule=SCHED, noise=xT_fit, steps=STEPS, order=2,
                                 method="unipc", n_candidates=16, fine_steps=128, refine_iters=40)
     xT = jax.random.normal(jax.random.key(9), (256, 2))
-    exact = GM.ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
+    exact = _gm().ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
 
     def error(**g):
-        return _rms(dpmjax.sample(MODEL, GM, None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2,
+        return _rms(dpmjax.sample(_model(), _gm(), None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2,
                                   method="unipc", **g), exact)
 
     fitted, log_snr = error(timesteps=grid), error(skip_type="logSNR")
     assert fitted < 0.1 * log_snr, (fitted, log_snr)
 
 
+@pytest.mark.slow
 def test_save_load_round_trip(tmp_path, fitted):
     grid, _ = fitted
     dpmjax.save_timesteps(tmp_path / "grid.json", grid, steps=STEPS)
@@ -156,10 +173,10 @@ def test_load_rejects_bad_files(tmp_path):
 
 def test_fit_argument_errors():
     with pytest.raises(ValueError, match="steps"):
-        dpmjax.fit_timesteps(MODEL, GM, jax.random.key(0), (8, 2), schedule=SCHED, steps=50, n_candidates=10)
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=50, n_candidates=10)
     with pytest.raises(ValueError, match="fine_steps"):
-        dpmjax.fit_timesteps(MODEL, GM, jax.random.key(0), (8, 2), schedule=SCHED, steps=4, n_candidates=10, fine_steps=25)
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, n_candidates=10, fine_steps=25)
     with pytest.raises(ValueError, match="method"):
-        dpmjax.fit_timesteps(MODEL, GM, jax.random.key(0), (8, 2), schedule=SCHED, steps=4, method="singlestep")
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, method="singlestep")
     with pytest.raises(ValueError, match="algorithm"):
-        dpmjax.fit_timesteps(MODEL, GM, jax.random.key(0), (8, 2), schedule=SCHED, steps=4, algorithm="sde-dpmsolver++")
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, algorithm="sde-dpmsolver++")

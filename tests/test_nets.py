@@ -70,6 +70,7 @@ def test_mlp_extrapolates_linearly_in_x(mlp):
     assert big > 5.0 * small
 
 
+@pytest.mark.slow
 def test_unet_class_embedding_and_null_class(unet):
     _, params, model_fn = unet
     x = jax.random.normal(jax.random.key(2), (4, 8, 8, 1))
@@ -96,6 +97,7 @@ def test_build_model_errors():
         build_model({"kind": "mlp", "colour": "red"})
 
 
+@pytest.mark.slow
 def test_sample_with_classifier_free_guidance(unet):
     # the trained-model path of `dpmjax sample`: condition, null condition and a traced guidance scale
     graphdef, params, _ = unet

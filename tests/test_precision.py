@@ -13,14 +13,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import dpmjax
 
 VP = dpmjax.VPLinear()
-GM = dpmjax.GaussianMixture.isotropic(jnp.array([[-2.0, 0.5], [1.5, -1.0], [0.0, 2.0]]), 0.4)
-MF32 = GM.model_fn(VP)
 B = 256
-NOISE = jax.random.normal(jax.random.key(0), (B, 2))
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    """``(GM, MF32, NOISE)``: the mixture, its exact float32 model and the starting noise
+    (built in a fixture: nothing is computed with JAX while the tests are collected)."""
+    gm = dpmjax.GaussianMixture.isotropic(jnp.array([[-2.0, 0.5], [1.5, -1.0], [0.0, 2.0]]), 0.4)
+    return gm, gm.model_fn(VP), jax.random.normal(jax.random.key(0), (B, 2))
 KW = dict(schedule=VP, algorithm="dpmsolver++", order=2, skip_type="logSNR")
 
 
@@ -39,7 +45,9 @@ def rms(a):
     return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
 
 
-def test_bf16_model_float32_state():
+@pytest.mark.slow
+def test_bf16_model_float32_state(mixture):
+    GM, MF32, NOISE = mixture
     ref = np.asarray(dpmjax.sample(MF32, GM, None, (B, 2), noise=NOISE, steps=400, **KW))
     x32 = dpmjax.sample(MF32, GM, None, (B, 2), noise=NOISE, steps=20, **KW)
     x16 = dpmjax.sample(mf_bf16, GM, None, (B, 2), noise=NOISE, steps=20, **KW)
@@ -54,6 +62,7 @@ def test_bf16_model_float32_state():
     assert rms(x16 - x32) > 1e-3
 
 
+@pytest.mark.slow
 def test_float64_under_x64():
     with jax.enable_x64(True):
         # schedules, mixture and model built inside: float64 throughout

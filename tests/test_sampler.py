@@ -183,7 +183,18 @@ def _reference_cases():
     return cases
 
 
-@pytest.mark.parametrize("sched_name, kw", _reference_cases())
+def _first_of_each_method_quick(cases):
+    """The first case of each method stays in the quick tier; the others are marked slow."""
+    seen = set()
+    out = []
+    for case in cases:
+        method = case.values[1]["method"]
+        out.append(case if method not in seen else pytest.param(*case.values, id=case.id, marks=pytest.mark.slow))
+        seen.add(method)
+    return out
+
+
+@pytest.mark.parametrize("sched_name, kw", _first_of_each_method_quick(_reference_cases()))
 def test_matches_reference(x64, sched_name, kw):
     """``dpmjax.sample`` == the independent numpy reference to 1e-9 (float64)."""
     sched, rsched = make_schedules(sched_name)
@@ -255,6 +266,7 @@ def fitted_order(steps, errors):
     return -np.polyfit(np.log(steps), np.log(errors), 1)[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, order, steps, expected, algorithm, sched_name, solver_type, variant", _series_cases())
 def test_convergence_order(x64, method, order, steps, expected, algorithm, sched_name, solver_type, variant):
     """Global error vs the exact ODE solution decays as ``steps^-p``; fitted ``p`` within 0.3.
@@ -377,6 +389,7 @@ def test_multistep3_formula_is_second_order():
         assert err["D2 doubled"][-1] < 0.05 * err["spec"][-1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, algorithm, solver_type", [(1, "dpmsolver++", "dpmsolver"), (2, "dpmsolver", "taylor"),
                                                           (3, "dpmsolver++", "taylor"), (3, "dpmsolver", "dpmsolver")])
 def test_local_error_order(x64, order, algorithm, solver_type):
@@ -417,6 +430,7 @@ MIX_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_mixture_accuracy_nfe_10_20(x64, record_property):
     """Errors at NFE 10/20 on a Gaussian mixture against a converged float64 solution.
 
@@ -500,6 +514,7 @@ def _converted_net(kind, sched):
     return net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["dpmsolver++", "dpmsolver"])
 def test_model_types_agree(x64, algorithm):
     """"noise", "x_start", "v" and "score" networks that encode the same eps give the same samples."""

@@ -132,6 +132,7 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_hand_fori_scan_and_sample_agree(x64, name):
     kw = CONFIGS[name]
@@ -147,6 +148,7 @@ def test_hand_fori_scan_and_sample_agree(x64, name):
 SDE_CONFIGS = [("sde-dpmsolver++", 2), ("sde-dpmsolver++", 3), ("sde-dpmsolver", 2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm, order", SDE_CONFIGS)
 def test_sde_drivers_agree_with_the_same_key(x64, algorithm, order):
     schedule, gm, model_fn = setup()
@@ -168,6 +170,7 @@ def test_sde_drivers_agree_with_the_same_key(x64, algorithm, order):
     assert_same({"noise=": solver.result(state)}, want, f"{algorithm} {order}")
 
 
+@pytest.mark.slow
 def test_grid_ending_at_zero_returns_the_last_data_prediction(x64):
     """The last step to t = 0 is the data prediction at the last evaluation, computed here
     from the closed-form Gaussian: x0 = (x - sigma eps) / alpha."""
@@ -201,6 +204,7 @@ def toy_net(params, x, t):
 _WRAPPED = {}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DIFFUSERS_NAMES)
 def test_drivers_agree_on_options_from_diffusers(x64, name):
     data = np.load(DIFFUSERS)
@@ -228,6 +232,7 @@ def cond_model(params, x, t, c):
     return params * jnp.where(c[:, None] == 1, e1, e0)
 
 
+@pytest.mark.slow
 def test_classifier_free_guidance_by_hand_equals_sample(x64):
     schedule = dpmjax.VPLinear()
     kw = dict(algorithm="dpmsolver++", method="multistep", order=2, steps=8, skip_type="logSNR")
@@ -326,6 +331,7 @@ def test_current_time_follows_the_grid(x64, name, outer):
     np.testing.assert_allclose(np.asarray(x_last), np.asarray(solver.result(state)), rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_current_time_on_a_built_in_grid_and_in_user_scale(x64):
     """EDM: ``current`` is in user (VE) scale; its time follows dpmjax.time_grid."""
     schedule = dpmjax.EDM()
@@ -422,6 +428,7 @@ def init_params():
 GRAD_KW = dict(algorithm="dpmsolver++", method="multistep", order=3, steps=8, skip_type="logSNR")
 
 
+@pytest.mark.slow
 def test_checkpointed_model_gives_the_same_gradient(x64):
     schedule, _, _ = setup()
     remat = jax.checkpoint(param_model)
@@ -439,6 +446,7 @@ def test_checkpointed_model_gives_the_same_gradient(x64):
         np.testing.assert_allclose(np.asarray(g_remat[k]), np.asarray(g_plain[k]), rtol=0, atol=TOL)
 
 
+@pytest.mark.slow
 def test_truncated_backprop_is_the_gradient_of_the_last_k_steps(x64):
     """DRaFT-K style: ``stop_gradient`` on the state before step n - K. The gradient is that
     of a K-step run started from the intermediate state as a constant; K = n is the full

@@ -68,6 +68,7 @@ def test_toy_data_sets(name):
     assert not np.allclose(x, ds.sample(jax.random.key(1), 4000)[0])
 
 
+@pytest.mark.slow
 def test_digits_data():
     ds = get_dataset("digits")
     x, labels = ds.sample(jax.random.key(0), 500)
@@ -94,6 +95,7 @@ def test_sliced_wasserstein_of_a_shift():
         sliced_wasserstein(x, x[:10], key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule_name", SCHEDULES)
 def test_loss_of_the_exact_noise_predictor(schedule_name):
     # Gaussian data N(0, s^2 I): E[eps | x_t] = sigma x_t / (alpha^2 s^2 + sigma^2) and its loss (a mean
@@ -144,6 +146,7 @@ def test_checkpoint_round_trip(saved_run, reference):
     assert read_losses(d) == reference[1].losses
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_repeats_the_losses(tmp_path, reference):
     d = str(tmp_path / "run")
     Trainer(tiny(), d).train(progress=False, stop_at=25)
@@ -226,6 +229,7 @@ def _wait_for_checkpoint(run_dir, proc, at_least, timeout=120.0):
     raise AssertionError("no checkpoint appeared in time")
 
 
+@pytest.mark.slow
 def test_sigint_stops_after_the_step_and_saves_it(tmp_path, reference):
     d = str(tmp_path / "interrupted")
     trainer = Trainer(tiny(), d)
@@ -249,6 +253,7 @@ def test_sigint_stops_after_the_step_and_saves_it(tmp_path, reference):
     assert leaves_equal(resumed.state, straight.state)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume(tmp_path):
     # a real `dpmjax train` process, killed with SIGKILL after its second checkpoint
     d = str(tmp_path / "killed")

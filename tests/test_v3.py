@@ -62,6 +62,7 @@ def _gaussian_ems(lambdas):
 # --------------------------------------------------------------------------- EMS
 
 
+@pytest.mark.slow
 def test_compute_ems_gaussian_closed_form(x64):
     sched = dpmjax.VPLinear()
     gm, model_fn = _gaussian()
@@ -100,6 +101,7 @@ def test_moving_average_of_dl_truncates_at_the_ends():
         np.testing.assert_allclose(_moving_average(jnp.asarray(v), w), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compute_ems_regression_matches_lstsq(x64):
     """For a two-component mixture (nonlinear model): ``l`` equals the mean diagonal of the
     Jacobian computed column by column with jax.jacfwd, and (s, b) equal a per-dimension
@@ -162,6 +164,7 @@ def test_compute_ems_regression_matches_lstsq(x64):
         assert abs(float(ems.b[row, k]) - b_ref) < 1e-5 * (1 + abs(b_ref)), (k, float(ems.b[row, k]), b_ref)
 
 
+@pytest.mark.slow
 def test_v3_with_gaussian_ems_is_exact_at_first_order(x64):
     """With the Gaussian's EMS, ``G`` is constant and the order-1 v3 step is exact up to
     the trapezoid rule: 5 steps land within 1e-5 of the exact ODE solution (DDIM: 0.48),
@@ -254,6 +257,7 @@ def _x0_fn(model_fn, gm, sched):
     return x0
 
 
+@pytest.mark.slow
 def test_unipc_reference_matches_library(x64):
     """The loop reference with UniPC's 1/2 weights is dpmjax.sample(method="unipc", variant="bh2")."""
     sched = dpmjax.VPLinear()
@@ -276,6 +280,7 @@ def _richardson(run, n):
     return x2, (4 * x2 - x1) / 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order", [1, 2])
 def test_degenerate_predictor_is_dpmsolverpp(x64, order):
     sched = dpmjax.VPLinear()
@@ -296,6 +301,7 @@ def test_degenerate_predictor_is_dpmsolverpp(x64, order):
     np.testing.assert_allclose(x_extrapolated, ref, atol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "order, use_corrector, c_pseudo",
     [(3, False, False), (1, True, True), (3, True, False)],
@@ -407,6 +413,7 @@ def _v3_loop_reference(x0_fn, ems, idx, times, alphas, x_T, order, use_corrector
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "order, use_corrector, p_pseudo, c_pseudo, lower_order_final",
     [(3, True, True, True, False), (3, True, False, False, True), (2, True, True, True, True), (3, False, True, False, True)],
@@ -458,6 +465,7 @@ V3_CONFIGS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, use_corrector, p_pseudo, c_pseudo, lower_order_final, skip_type", V3_CONFIGS)
 def test_sample_v3_runs_the_v3_table(x64, order, use_corrector, p_pseudo, c_pseudo, lower_order_final, skip_type):
     """``sample(method="v3")`` (the shared solver step over per-dimension rows) equals the
@@ -477,6 +485,7 @@ def test_sample_v3_runs_the_v3_table(x64, order, use_corrector, p_pseudo, c_pseu
     np.testing.assert_allclose(x, ref, rtol=0, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_v3_on_given_timesteps_snaps_them_to_the_ems_grid(x64):
     """``timesteps=`` (e.g. a fitted grid) with ``method="v3"``: each time is snapped to the
     nearest EMS grid point, so times off the points by less than half an interval give the
@@ -541,6 +550,7 @@ def test_step_api_hand_loop_equals_sample(x64):
     np.testing.assert_allclose(ys / e["end_scale"], x, rtol=0, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_v3_option_errors():
     sched = dpmjax.VPLinear()
     gm, model_fn = _gaussian()
@@ -599,6 +609,7 @@ CONVERGENCE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("order, use_corrector, p_pseudo, c_pseudo, steps, expected", CONVERGENCE)
 def test_convergence_order(x64, order, use_corrector, p_pseudo, c_pseudo, steps, expected):
     """Error to the exact ODE solution vs steps with perturbed EMS (lower_order_final=False).

@@ -19,6 +19,8 @@ def never_called(params, x, t, *cond):
 
 def call(model_fn=never_called, key=None, noise=NOISE, shape=SHAPE, **kw):
     kw.setdefault("schedule", dpmjax.VPLinear())
+    if isinstance(kw["schedule"], type):  # a class in CASES: built here, not while collecting
+        kw["schedule"] = kw["schedule"]()
     return dpmjax.sample(model_fn, None, key, shape, noise=None if noise is None else jnp.asarray(noise), **kw)
 
 
@@ -43,7 +45,7 @@ CASES = [
     (dict(t_end=0.0), ValueError, "t_end"),
     (dict(t_end=-1e-3), ValueError, "t_end"),
     (dict(t_start=1.5), ValueError, "t_start"),
-    (dict(schedule=dpmjax.VPCosine(), t_start=0.999), ValueError, "t_start"),
+    (dict(schedule=dpmjax.VPCosine, t_start=0.999), ValueError, "t_start"),
     (dict(noise=np.zeros((2, 4), np.float32)), ValueError, "noise"),
     (dict(noise=np.zeros((3,), np.float32)), ValueError, "noise"),
     (dict(noise=None, key=None), ValueError, "key"),
