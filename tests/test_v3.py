@@ -655,8 +655,9 @@ def test_save_load_round_trip_authors_layout(tmp_path, x64):
     back = load_ems(d)
     for a, b in zip(ems, back):
         np.testing.assert_array_equal(a, b)
-    # The authors' files carry no grid: rebuilt from the schedule's default range.
+    # The authors' files carry no grid (and no manifest): rebuilt from the schedule's default range.
     os.remove(d / "lambdas.npy")
+    os.remove(d / "ems.json")
     with pytest.raises(ValueError, match="schedule="):
         load_ems(d)
     np.testing.assert_allclose(load_ems(d, sched).lambdas, lam, rtol=1e-12)
