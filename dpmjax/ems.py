@@ -158,9 +158,11 @@ def check_ems(ems, sample_shape=None, *, where="ems"):
         arr = getattr(ems, name)
         shp = tuple(np.shape(arr))
         if len(shp) < 1 or shp[0] != lam.shape[0]:
-            raise ValueError(f"{where}.{name} must have shape (n + 1, *sample_shape) with n + 1 = {lam.shape[0]}; got {shp}")
+            raise ValueError(f"{where}.{name} must have shape (n + 1, *sample_shape) with n + 1 = {lam.shape[0]}; "
+                             f"got {shp}")
         if shp[1:] != tuple(np.shape(ems.l)[1:]):
-            raise ValueError(f"{where}.{name} has sample shape {shp[1:]}, but {where}.l has {tuple(np.shape(ems.l)[1:])}")
+            raise ValueError(f"{where}.{name} has sample shape {shp[1:]}, but {where}.l has "
+                             f"{tuple(np.shape(ems.l)[1:])}")
         if not isinstance(arr, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(arr))):
             raise ValueError(f"{where}.{name} has non-finite entries")
     if sample_shape is not None and tuple(np.shape(ems.l)[1:]) != tuple(sample_shape):
@@ -381,7 +383,8 @@ def compute_ems(
     lambdas_per_call = _int("lambdas_per_call", lambdas_per_call, 1)
     data = jnp.asarray(data)
     if data.ndim < 1 or tuple(data.shape[1:]) != shape or data.shape[0] < 2:
-        raise ValueError(f"data must have shape (K, *shape) = (K, {', '.join(map(str, shape))}) with K >= 2; got {data.shape}")
+        raise ValueError(f"data must have shape (K, *shape) = (K, {', '.join(map(str, shape))}) with K >= 2; "
+                         f"got {data.shape}")
     K = data.shape[0]
     n_samples = K if n_samples is None else _int("n_samples", n_samples, 2)
     if n_samples > K:

@@ -138,7 +138,8 @@ def resolve_times(schedule, t_start, t_end, names=("t_start", "t_end")):
     t_start = schedule.T if t_start is None else t_start
     t_end = schedule.t_eps if t_end is None else t_end
     for name, v in ((n0, t_start), (n1, t_end)):
-        if isinstance(v, (bool, np.bool_, str)) or (not _is_traced(v) and not isinstance(v, (numbers.Real, np.ndarray, jax.Array))):
+        concrete_ok = isinstance(v, (numbers.Real, np.ndarray, jax.Array))
+        if isinstance(v, (bool, np.bool_, str)) or (not _is_traced(v) and not concrete_ok):
             raise TypeError(f"{name} must be a float (or a 0-d array); got {type(v).__name__} {v!r}")
         if jnp.ndim(v) != 0:
             raise ValueError(f"{name} must be a scalar; got shape {jnp.shape(v)}")
@@ -315,7 +316,8 @@ def v3_range(schedule, ems, t_start=None, t_end=None, sample_shape=None):
     for name, v in (("t_start", t_start), ("t_end", t_end)):
         if v is not None:
             raise ValueError(f"{name} does not apply to method='v3' (it integrates over its EMS grid, from "
-                             f"ems.lambdas[0] to ems.lambdas[-1]: compute the EMS for the interval you sample); remove it")
+                             f"ems.lambdas[0] to ems.lambdas[-1]: compute the EMS for the interval you sample); "
+                             "remove it")
     from .ems import check_ems
 
     check_ems(ems, sample_shape)
