@@ -72,7 +72,7 @@ import numpy as np
 
 from . import _cache
 from . import models as _models
-from .schedules import NoiseSchedule, check_model_type, check_times_in_range
+from .schedules import NoiseSchedule, check_model_type
 
 __all__ = ["EMS", "compute_ems", "save_ems", "load_ems", "degenerate_ems"]
 
@@ -116,24 +116,13 @@ def _int(name, value, lo):
     return int(value)
 
 
-def _times(schedule, t_start, t_end):
-    t_start = schedule.T if t_start is None else float(t_start)
-    t_end = schedule.t_eps if t_end is None else float(t_end)
-    if not 0.0 < t_start <= schedule.T:
-        raise ValueError(f"t_start must be in (0, schedule.T = {schedule.T}]; got {t_start}")
-    if not 0.0 < t_end < t_start:
-        raise ValueError(f"t_end must be in (0, t_start = {t_start}); got {t_end}")
-    return t_start, t_end
-
-
 def _grid(schedule, t_start, t_end, n_lambdas):
     """``n_lambdas`` uniformly spaced lambdas from ``lambda(t_start)`` to ``lambda(t_end)``."""
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
-    t_start, t_end = _times(schedule, t_start, t_end)
-    # a VPDiscrete table starts at t_min = 1/N: below it lambda is extrapolated (NaN)
-    check_times_in_range(schedule, t_start, "t_start")
-    check_times_in_range(schedule, t_end, "t_end")
+    from .solvers import resolve_times  # the one check of an interval (a discrete table starts at t_min = 1/N)
+
+    t_start, t_end = resolve_times(schedule, t_start, t_end)
     dtype = jnp.result_type(float)
     lo = schedule.lambda_(jnp.asarray(t_start, dtype))
     hi = schedule.lambda_(jnp.asarray(t_end, dtype))

@@ -89,7 +89,7 @@ def test_compute_ems_shares_the_model_type_rule_of_sample(schedule, model_type):
 def test_degenerate_ems_refuses_times_below_a_discrete_table():
     """A VPDiscrete table starts at t = 1/N; below it lambda would be NaN."""
     schedule = dpmjax.VPDiscrete.from_named("linear", 1000)
-    with pytest.raises(ValueError, match=r"t_end must lie in \[t_min = 0.001"):
+    with pytest.raises(ValueError, match=r"t_end must be in \[0.001, t_start"):
         dpmjax.degenerate_ems(schedule, (2,), n=4, t_end=1e-4)
     ems = dpmjax.degenerate_ems(schedule, (2,), n=4, t_end=1e-3)
     assert np.all(np.isfinite(np.asarray(ems.lambdas)))
