@@ -222,8 +222,18 @@ def _solver_of(frame: _Frame, schedule, params, fit_times=True) -> _solvers.Solv
         mts = mts0 + (_fit._model_times_of(schedule, g1, d0 + params["d"]) - _fit._model_times_of(schedule, g0, d0))
         new = _solvers.build(opts, schedule, None, None, ts, mts).plan
         old = _solvers.build(opts, schedule, None, None, ts0, mts0).plan
-        plan = jax.tree_util.tree_map(
-            lambda b, a, c: b + (a - c) if jnp.issubdtype(b.dtype, jnp.floating) else b, p, new, old)
+        # At zero time parameters the two builds agree in value, but XLA may round them
+        # differently (they are separate computations): there the difference is replaced by
+        # ``d - stop_gradient(d)``, exactly 0 with the same derivative.
+        at_zero = jnp.all(params["u"] == 0) & jnp.all(params["d"] == 0)
+
+        def moved(b, a, c):
+            if not jnp.issubdtype(b.dtype, jnp.floating):
+                return b
+            d = a - c
+            return b + jnp.where(at_zero, d - jax.lax.stop_gradient(d), d)
+
+        plan = jax.tree_util.tree_map(moved, p, new, old)
     pd = opts.predict_data
 
     def PQ(t):
