@@ -311,7 +311,7 @@ def fit_solver(
     teacher_steps: int = 400,
     teacher_batch: int = 1024,
     iters: int = 300,
-    lr: float = 0.01,
+    lr: float = 0.03,
     batch_size: Optional[int] = None,
     eval_every: int = 10,
     fit_times: bool = True,
@@ -349,7 +349,7 @@ def fit_solver(
       progress: a progress bar (tqdm).
       return_info: also return a dict: ``base`` (its name), ``start_loss`` and
         ``heldout_loss`` (RMS distance to the teacher on the held-out noises, of the start
-        and of the result), ``base_losses``, ``iterations``, ``history`` (held-out losses),
+        and of the result), ``base_losses`` and ``base_solvers`` (of each base tried), ``iterations``, ``history`` (held-out losses),
         ``seconds``, ``teacher_seconds``, ``base_seconds`` and ``improved``.
 
     Returns:
@@ -444,7 +444,7 @@ def fit_solver(
 
     # The base.
     t_base = time.perf_counter()
-    base_losses = {}
+    base_losses, base_solvers = {}, {}
     if base is None:
         cands = []
         order = min(2, steps)
@@ -455,7 +455,7 @@ def fit_solver(
                 unconditional_condition=unc_fit, guidance_scale=scale, refine_iters=base_iters, **kw)
             s = _solvers.solver(schedule, model_type=model_type, algorithm="dpmsolver++", order=order, steps=steps,
                                 timesteps=grid, **kw)
-            base_losses[name] = float(val_of_solver(s))
+            base_losses[name], base_solvers[name] = float(val_of_solver(s)), s
             cands.append((base_losses[name], name, s))
         finite = [c for c in cands if math.isfinite(c[0])]
         if not finite:
@@ -463,7 +463,7 @@ def fit_solver(
         _, base_name, base = min(finite, key=lambda c: c[0])
     else:
         base_name = f"given ({base.options.method})"
-        base_losses[base_name] = float(val_of_solver(base))
+        base_losses[base_name], base_solvers[base_name] = float(val_of_solver(base)), base
     base_seconds = time.perf_counter() - t_base
     start_loss = base_losses[base_name]
 
@@ -529,7 +529,7 @@ def fit_solver(
             result, final_loss = cand, loss
     if not return_info:
         return result
-    info = dict(base=base_name, base_losses=base_losses, start_loss=start_loss, heldout_loss=final_loss,
+    info = dict(base=base_name, base_losses=base_losses, base_solvers=base_solvers, start_loss=start_loss, heldout_loss=final_loss,
                 improved=result is not base, iterations=done, history=history,
                 seconds=time.perf_counter() - t_call, teacher_seconds=teacher_seconds, base_seconds=base_seconds)
     return result, info

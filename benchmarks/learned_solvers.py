@@ -1,0 +1,180 @@
+"""Learned solvers (``dpmjax.fit_solver``) against the best fixed grid and the fitted grid.
+
+For each Gaussian mixture of the accuracy benchmark (``accuracy.make_problems``; exact
+noise predictor, VPLinear schedule) and each NFE:
+
+1. calibrate, in float32 as a user would, on ``--fit`` starting noises (key 1; the last
+   quarter held out): ``dpmjax.fit_solver`` with its default base (UniPC-bh2 and
+   DPM-Solver++(2M), each on a grid from ``dpmjax.fit_timesteps`` with ``--base-iters``
+   refinement iterations, the better on the held-out noises), then ``--iters`` Adam
+   iterations on the grid, the network's times and the coefficients; the calibration
+   time is the whole call (teacher, both grid fits, compilation);
+2. evaluate on ``--eval`` *fresh* noises (key 2) in float64 (the fitted tables cast to
+   float64) against DPM-Solver++(3M) with 500 logSNR steps from the same noise. Error:
+   RMS over samples and coordinates of ``x - x_ref`` at ``t_end``;
+3. compare with the best fixed grid (the best of logSNR, time_uniform, time_quadratic,
+   karras and edm for UniPC-bh2 and DPM-Solver++(2M), order 2, on the same evaluation
+   noises) and with the fitted grid (the better of the two ``fit_timesteps`` grids on the
+   evaluation noises).
+
+Results go to ``results/learned_solvers.md``, ``.json`` and ``.png``.
+
+Run::
+
+    python benchmarks/learned_solvers.py                          # all problems, NFE 3-10
+    python benchmarks/learned_solvers.py --problems 0 --nfes 5    # one case
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from report import header, provenance  # noqa: E402
+
+NFES = (3, 4, 5, 6, 8, 10)
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+FIXED = [("UniPC-bh2", dict(method="unipc", variant="bh2")), ("DPM-Solver++(2M)", dict(method="multistep"))]
+
+
+def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr):
+    import jax
+    import jax.numpy as jnp
+
+    import accuracy
+    import dpmjax
+    from dpmjax import learned
+
+    schedule = dpmjax.VPLinear()
+    problems = accuracy.make_problems(jnp, dpmjax)
+    rows = []
+    for p in problems_idx:
+        name, gm = problems[p]
+        model_fn = gm.model_fn(schedule)
+        x_fit = jax.random.normal(jax.random.key(1), (n_fit, gm.dim))
+        with jax.enable_x64(True):
+            gm64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm)
+            x_eval = jax.random.normal(jax.random.key(2), (n_eval, gm.dim), jnp.float64)
+            ref_solver = dpmjax.solver(schedule, steps=500, order=3, skip_type="logSNR")
+            x_ref = jax.jit(lambda s: learned._run(s, model_fn, gm64, x_eval))(ref_solver)
+            err_of = jax.jit(lambda s: jnp.sqrt(jnp.mean((learned._run(s, model_fn, gm64, x_eval) - x_ref) ** 2)))
+
+        def err(solver):
+            with jax.enable_x64(True):
+                s64 = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                                   solver)
+                return float(err_of(s64))
+
+        for nfe in nfes:
+            order = min(2, nfe)
+            fixed = {}
+            with jax.enable_x64(True):
+                for label, kw in FIXED:
+                    for sk in dpmjax.timesteps.SKIP_TYPES:
+                        fixed[f"{label} {sk}"] = float(err_of(dpmjax.solver(schedule, steps=nfe, order=order,
+                                                                             skip_type=sk, **kw)))
+            t0 = time.perf_counter()
+            solver, info = dpmjax.fit_solver(model_fn, gm, None, x_fit.shape, noise=x_fit, schedule=schedule,
+                                             steps=nfe, iters=iters, base_iters=base_iters, lr=lr, return_info=True)
+            jax.block_until_ready(solver)
+            seconds = time.perf_counter() - t0
+            fitted = {k: err(s) for k, s in info["base_solvers"].items()}
+            learned_err = err(solver)
+            best_fixed = min(fixed, key=fixed.get)
+            best_fitted = min(fitted, key=fitted.get)
+            rows.append(dict(problem=name, nfe=nfe, fixed=fixed, best_fixed=best_fixed, fitted=fitted,
+                             best_fitted=best_fitted, base=info["base"], learned=learned_err, seconds=seconds,
+                             base_seconds=info["base_seconds"], teacher_seconds=info["teacher_seconds"],
+                             iterations=info["iterations"], heldout_start=info["start_loss"],
+                             heldout_learned=info["heldout_loss"], improved=info["improved"]))
+            print(f"{name[:24]:24s} NFE {nfe:2d}: best fixed {fixed[best_fixed]:.2e} ({best_fixed}), fitted "
+                  f"{fitted[best_fitted]:.2e} ({best_fitted}), learned {learned_err:.2e} "
+                  f"({learned_err / fitted[best_fitted]:.2f}x fitted) from base {info['base']}; calibration "
+                  f"{seconds:.1f}s (grids {info['base_seconds']:.1f}s)", flush=True)
+    return rows
+
+
+def table(rows, args, wall, backend, prov):
+    lines = ["## Learned solvers vs fitted and fixed grids (`benchmarks/learned_solvers.py`)", ""] + header(prov) + [
+        f"VPLinear; `dpmjax.fit_solver` (defaults but iters={args.iters}, base_iters={args.base_iters}, "
+        f"lr={args.lr}) calibrated in float32 on {args.fit} starting noises (the last quarter held out), evaluated "
+        f"in float64 on {args.eval} *fresh* ones against DPM-Solver++(3M) with 500 logSNR steps. Error: RMS of "
+        "(sample - reference) at t_end. Best fixed: the best of 5 fixed grids x {UniPC-bh2, DPM-Solver++(2M)} "
+        "(order 2) on the evaluation noises. Fitted grid: the better of the two `fit_timesteps` grids (with "
+        "network times) that fit_solver starts from, on the evaluation noises. Calibration: the whole "
+        f"`fit_solver` call (teacher, both grid fits, compilation), of which the grid fits are shown. {backend}; "
+        f"wall time {wall:.0f}s.",
+        "",
+        "| problem | NFE | best fixed | fitted grid | learned | learned / fitted | learned / fixed | base "
+        "| calibration (s) | of which grids (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        f, g = r["fixed"][r["best_fixed"]], r["fitted"][r["best_fitted"]]
+        lines.append(f"| {r['problem']} | {r['nfe']} | {f:.2e} | {g:.2e} | {r['learned']:.2e} | "
+                     f"**{r['learned'] / g:.2f}** | {r['learned'] / f:.2f} | {r['base']} | {r['seconds']:.0f} | "
+                     f"{r['base_seconds']:.0f} |")
+    return lines
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], problems):
+        rs = [r for r in rows if r["problem"] == name]
+        nfe = [r["nfe"] for r in rs]
+        ax.semilogy(nfe, [r["fixed"][r["best_fixed"]] for r in rs], "o-", label="best fixed grid")
+        ax.semilogy(nfe, [r["fitted"][r["best_fitted"]] for r in rs], "s-", label="fitted grid")
+        ax.semilogy(nfe, [r["learned"] for r in rs], "^-", label="learned solver")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("NFE")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("RMS error vs 500-step reference")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--problems", default="0,1,2", help="indices into accuracy.make_problems (default 0,1,2)")
+    p.add_argument("--nfes", default=",".join(map(str, NFES)))
+    p.add_argument("--fit", type=int, default=1024, help="calibration noises, a quarter held out (default 1024)")
+    p.add_argument("--eval", type=int, default=8192, help="fresh evaluation noises (default 8192)")
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--base-iters", type=int, default=100)
+    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    import jax
+
+    prov = provenance(argv)
+    t0 = time.perf_counter()
+    rows = run([int(i) for i in args.problems.split(",")], [int(n) for n in args.nfes.split(",")], args.fit,
+               args.eval, args.iters, args.base_iters, args.lr)
+    wall = time.perf_counter() - t0
+    backend = f"Backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
+    os.makedirs(args.out, exist_ok=True)
+    md = os.path.join(args.out, "learned_solvers.md")
+    with open(md, "w") as f:
+        f.write("\n".join(table(rows, args, wall, backend, prov)) + "\n")
+    with open(os.path.join(args.out, "learned_solvers.json"), "w") as f:
+        json.dump({"provenance": prov, "args": vars(args), "rows": rows}, f, indent=1)
+    plot(rows, os.path.join(args.out, "learned_solvers.png"))
+    print(f"written {md} ({wall:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
