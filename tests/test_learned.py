@@ -389,3 +389,32 @@ def test_default_base_is_the_better_fitted_grid():
     assert info["start_loss"] == min(info["base_losses"].values())
     assert info["heldout_loss"] <= info["start_loss"]
     assert s.options.method == {"UniPC-bh2": "unipc", "DPM-Solver++(2M)": "multistep"}[info["base"]]
+
+
+# --------------------------------------------------------------------------- command line
+
+
+@pytest.mark.slow
+def test_cli_fit_solver_and_sample_with_it(capsys, tmp_path):
+    from dpmjax.cli import main
+
+    run_dir = str(tmp_path / "moons")
+    assert main(["train", "--data", "moons", "--steps", "30", "--out", run_dir, "--width", "16", "--depth", "1",
+                 "--batch-size", "32", "--no-progress"]) == 0
+    out = str(tmp_path / "solver-4.npz")
+    code = main(["fit-solver", "--checkpoint", run_dir, "--steps", "4", "--out", out, "--trajectories", "64",
+                 "--iters", "20", "--base-iters", "5", "--teacher-steps", "50", "--no-progress"])
+    text = capsys.readouterr().out
+    assert code == 0 and "4-NFE solver" in text and os.path.isfile(out)
+    meta = learned.load_solver_metadata(out)
+    assert meta["sample_shape"] == [2] and meta["schedule"]["type"] == "VPLinear" and meta["steps"] == 4
+    png = str(tmp_path / "s.png")
+    code = main(["sample", "--checkpoint", run_dir, "--solver", out, "--num", "100", "--out", png])
+    text = capsys.readouterr().out
+    assert code == 0 and "4 NFE" in text and os.path.getsize(png) > 500
+    code = main(["sample", "--checkpoint", run_dir, "--solver", out, "--order", "3", "--out", png])
+    assert code == 2 and "drop --order" in capsys.readouterr().err
+    bad = tmp_path / "bad.npz"
+    bad.write_text("x")
+    code = main(["sample", "--checkpoint", run_dir, "--solver", str(bad), "--out", png])
+    assert code == 2 and "not a dpmjax solver file" in capsys.readouterr().err
