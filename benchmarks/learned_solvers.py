@@ -54,7 +54,7 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
 
     schedule = dpmjax.VPLinear()
     problems = accuracy.make_problems(jnp, dpmjax)
-    rows = []
+    rows, setups = [], {}
     for p in problems_idx:
         name, gm = problems[p]
         model_fn = gm.model_fn(schedule)
@@ -63,16 +63,20 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
             gm64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), gm)
             x_eval = jax.random.normal(jax.random.key(2), (n_eval, gm.dim), jnp.float64)
             ref_solver = dpmjax.solver(schedule, steps=500, order=3, skip_type="logSNR")
-            x_ref = jax.jit(lambda s: learned._run(s, model_fn, gm64, x_eval))(ref_solver)
-            err_of = jax.jit(lambda s: jnp.sqrt(jnp.mean((learned._run(s, model_fn, gm64, x_eval) - x_ref) ** 2)))
+            x_ref = jax.jit(lambda s, m=model_fn, g=gm64, x=x_eval: learned._run(s, m, g, x))(ref_solver)
+            err_of = jax.jit(lambda s, m=model_fn, g=gm64, x=x_eval, r=x_ref: jnp.sqrt(jnp.mean(
+                (learned._run(s, m, g, x) - r) ** 2)))
+        setups[p] = (name, gm, model_fn, x_fit, err_of)
 
-        def err(solver):
-            with jax.enable_x64(True):
-                s64 = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-                                   solver)
-                return float(err_of(s64))
+    def err(solver, err_of):
+        with jax.enable_x64(True):
+            s64 = jax.tree.map(lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                               solver)
+            return float(err_of(s64))
 
-        for nfe in nfes:
+    for nfe in nfes:  # the NFEs outermost: an interrupted run has every problem at the first NFEs
+        for p in problems_idx:
+            name, gm, model_fn, x_fit, err_of = setups[p]
             order = min(2, nfe)
             fixed = {}
             with jax.enable_x64(True):
@@ -85,12 +89,13 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
                                              steps=nfe, iters=iters, base_iters=base_iters, lr=lr, return_info=True)
             jax.block_until_ready(solver)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-            fitted = {k: err(s) for k, s in info["base_solvers"].items()}
-            learned_err = err(solver)
+            fitted = {k: err(s, err_of) for k, s in info["base_solvers"].items()}
+            learned_err = err(solver, err_of)
             best_fixed = min(fixed, key=fixed.get)
             best_fitted = min(fitted, key=fitted.get)
-            rows.append(dict(problem=name, nfe=nfe, fixed=fixed, best_fixed=best_fixed, fitted=fitted,
-                             best_fitted=best_fitted, base=info["base"], learned=learned_err, seconds=seconds, cpu_seconds=cpu,
+            rows.append(dict(problem=name, problem_index=p, nfe=nfe, fixed=fixed, best_fixed=best_fixed,
+                             fitted=fitted, best_fitted=best_fitted, base=info["base"], learned=learned_err,
+                             seconds=seconds, cpu_seconds=cpu,
                              base_seconds=info["base_seconds"], teacher_seconds=info["teacher_seconds"],
                              iterations=info["iterations"], heldout_start=info["start_loss"],
                              heldout_learned=info["heldout_loss"], improved=info["improved"]))
@@ -118,7 +123,7 @@ def table(rows, args, wall, backend, prov):
         "| calibration (s) | of which grids (s) | CPU time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (r["problem_index"], r["nfe"])):
         f, g = r["fixed"][r["best_fixed"]], r["fitted"][r["best_fitted"]]
         lines.append(f"| {r['problem']} | {r['nfe']} | {f:.2e} | {g:.2e} | {r['learned']:.2e} | "
                      f"**{r['learned'] / g:.2f}** | {r['learned'] / f:.2f} | {r['base']} | {r['seconds']:.0f} | "
@@ -132,10 +137,10 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    problems = list(dict.fromkeys(r["problem"] for r in rows))
+    problems = list(dict.fromkeys(r["problem"] for r in sorted(rows, key=lambda r: r["problem_index"])))
     fig, axes = plt.subplots(1, len(problems), figsize=(4.5 * len(problems), 3.8), squeeze=False)
     for ax, name in zip(axes[0], problems):
-        rs = [r for r in rows if r["problem"] == name]
+        rs = sorted([r for r in rows if r["problem"] == name], key=lambda r: r["nfe"])
         nfe = [r["nfe"] for r in rs]
         ax.semilogy(nfe, [r["fixed"][r["best_fixed"]] for r in rs], "o-", label="best fixed grid")
         ax.semilogy(nfe, [r["fitted"][r["best_fitted"]] for r in rs], "s-", label="fitted grid")
