@@ -323,9 +323,8 @@ def fit_solver(
     """Fit a ``steps``-evaluation solver to a model: its time steps and its coefficients.
 
     Args:
-      model_fn, params, schedule, model_type, t_start, t_end, condition,
-        unconditional_condition, guidance_scale: as in :func:`dpmjax.sample`; the solver is
-        fitted at this guidance scale. Conditions must have one entry per starting noise
+      model_fn, params, schedule, model_type, t_start, t_end, condition, unconditional_condition, guidance_scale:
+        as in :func:`dpmjax.sample`; the solver is fitted at this guidance scale. Conditions must have one entry per starting noise
         (leading axis ``shape[0]``).
       key, shape: the starting noises ``x_T`` (``shape = (n, ...)``) drawn from ``key``
         (or given as ``noise``). The last ``holdout`` of them (default ``n // 4``) are held
@@ -349,8 +348,9 @@ def fit_solver(
       progress: a progress bar (tqdm).
       return_info: also return a dict: ``base`` (its name), ``start_loss`` and
         ``heldout_loss`` (RMS distance to the teacher on the held-out noises, of the start
-        and of the result), ``base_losses`` and ``base_solvers`` (of each base tried), ``iterations``, ``history`` (held-out losses),
-        ``seconds``, ``teacher_seconds``, ``base_seconds`` and ``improved``.
+        and of the result), ``base_losses`` and ``base_solvers`` (of each base tried),
+        ``iterations``, ``history`` (held-out losses), ``seconds``, ``teacher_seconds``,
+        ``base_seconds`` and ``improved``.
 
     Returns:
       A :class:`dpmjax.Solver` with the base's options and layout and fitted tables (the
@@ -529,7 +529,8 @@ def fit_solver(
             result, final_loss = cand, loss
     if not return_info:
         return result
-    info = dict(base=base_name, base_losses=base_losses, base_solvers=base_solvers, start_loss=start_loss, heldout_loss=final_loss,
+    info = dict(base=base_name, base_losses=base_losses, base_solvers=base_solvers, start_loss=start_loss,
+                heldout_loss=final_loss,
                 improved=result is not base, iterations=done, history=history,
                 seconds=time.perf_counter() - t_call, teacher_seconds=teacher_seconds, base_seconds=base_seconds)
     return result, info
@@ -675,7 +676,7 @@ def load_solver(path: str | os.PathLike, *, schedule: Optional[NoiseSchedule] = 
     The round trip is exact (the arrays are stored as they are).
 
     Returns:
-      The solver; its user metadata is ``load_solver_metadata(path)["metadata"]``.
+      The solver; its user metadata is ``dpmjax.learned.load_solver_metadata(path)["metadata"]``.
     """
     path = _fit._check_path(path)
     arrays, doc = _read(path)
