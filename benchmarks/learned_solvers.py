@@ -23,6 +23,8 @@ Run::
 
     python benchmarks/learned_solvers.py                          # all problems, NFE 3-10
     python benchmarks/learned_solvers.py --problems 0 --nfes 5    # one case
+    dpmjax train --data digits --steps 2000 --out runs/digits
+    python benchmarks/learned_solvers.py --digits runs/digits --nfes 5 --fit 256 --eval 256 --iters 100
 """
 
 from __future__ import annotations
@@ -107,6 +109,63 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
     return rows
 
 
+def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, report=lambda rows: None):
+    """The class-conditional digits UNet of ``run_dir`` (``dpmjax train --data digits``), guided at
+    ``scales[0]``: the same comparison, plus the solver fitted at ``scales[0]`` evaluated at the other
+    guidance scales (against the reference and the fitted grid at that scale)."""
+    import jax
+    import jax.numpy as jnp
+
+    import dpmjax
+    from dpmjax import learned
+    from dpmjax.train.trainer import load_trained
+
+    trainer, state = load_trained(run_dir)
+    trainer.close()
+    ds, schedule, model_fn, params = trainer.dataset, trainer.schedule, trainer.model_fn, state.ema_params
+    labels = lambda n: jnp.arange(n, dtype=jnp.int32) % ds.num_classes  # noqa: E731
+    x_fit = jax.random.normal(jax.random.key(1), (n_fit,) + ds.shape)
+    c_fit = labels(n_fit)
+    x_eval = jax.random.normal(jax.random.key(2), (n_eval,) + ds.shape)
+    c_eval, null = labels(n_eval), jnp.full((n_eval,), ds.num_classes, jnp.int32)
+    run = jax.jit(lambda s, sc: learned._run(s, model_fn, params, x_eval, c_eval, null, sc))
+    ref_solver = dpmjax.solver(schedule, steps=500, order=3, skip_type="logSNR")
+    refs = {sc: run(ref_solver, jnp.float32(sc)) for sc in scales}
+
+    def err(solver, sc):
+        return float(jnp.sqrt(jnp.mean((run(solver, jnp.float32(sc)) - refs[sc]) ** 2)))
+
+    rows = []
+    for nfe in nfes:
+        order = min(2, nfe)
+        fixed = {f"{label} {sk}": err(dpmjax.solver(schedule, steps=nfe, order=order, skip_type=sk, **kw), scales[0])
+                 for label, kw in FIXED for sk in dpmjax.timesteps.SKIP_TYPES}
+        t0, c0 = time.perf_counter(), time.process_time()
+        solver, info = dpmjax.fit_solver(model_fn, params, None, x_fit.shape, noise=x_fit, schedule=schedule,
+                                         steps=nfe, iters=iters, base_iters=base_iters, lr=lr, condition=c_fit,
+                                         unconditional_condition=jnp.full_like(c_fit, ds.num_classes),
+                                         guidance_scale=scales[0], return_info=True)
+        jax.block_until_ready(solver)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        fitted = {k: err(s, scales[0]) for k, s in info["base_solvers"].items()}
+        best_fixed, best_fitted = min(fixed, key=fixed.get), min(fitted, key=fitted.get)
+        transfer = {sc: dict(fitted=err(info["base_solvers"][best_fitted], sc), learned=err(solver, sc))
+                    for sc in scales}
+        rows.append(dict(problem=f"digits UNet, guidance {scales[0]:g}", problem_index=99, nfe=nfe, fixed=fixed,
+                         best_fixed=best_fixed, fitted=fitted, best_fitted=best_fitted, base=info["base"],
+                         learned=err(solver, scales[0]), seconds=seconds, cpu_seconds=cpu,
+                         base_seconds=info["base_seconds"], teacher_seconds=info["teacher_seconds"],
+                         iterations=info["iterations"], heldout_start=info["start_loss"],
+                         heldout_learned=info["heldout_loss"], improved=info["improved"], transfer=transfer))
+        r = rows[-1]
+        print(f"digits NFE {nfe}: best fixed {fixed[best_fixed]:.3e}, fitted {fitted[best_fitted]:.3e}, learned "
+              f"{r['learned']:.3e}; calibration {seconds:.0f}s (CPU {cpu:.0f}s); at other scales "
+              + ", ".join(f"{sc:g}: fitted {t['fitted']:.3e} learned {t['learned']:.3e}" for sc, t in transfer.items()),
+              flush=True)
+        report(rows)
+    return rows
+
+
 def table(rows, args, wall, backend, prov):
     lines = ["## Learned solvers vs fitted and fixed grids (`benchmarks/learned_solvers.py`)", ""] + header(prov) + [
         f"VPLinear; `dpmjax.fit_solver` (defaults but iters={args.iters}, base_iters={args.base_iters}, "
@@ -128,6 +187,15 @@ def table(rows, args, wall, backend, prov):
         lines.append(f"| {r['problem']} | {r['nfe']} | {f:.2e} | {g:.2e} | {r['learned']:.2e} | "
                      f"**{r['learned'] / g:.2f}** | {r['learned'] / f:.2f} | {r['base']} | {r['seconds']:.0f} | "
                      f"{r['base_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
+    transfer = [r for r in rows if "transfer" in r]
+    if transfer:
+        lines += ["", "Fitted at one guidance scale, sampled at others (each against the 500-step reference at "
+                  "that scale; the fitted grid is the same `fit_timesteps` grid):", "",
+                  "| NFE | guidance scale | fitted grid | learned | learned / fitted |", "|---:|---:|---:|---:|---:|"]
+        for r in transfer:
+            for sc, t in r["transfer"].items():
+                lines.append(f"| {r['nfe']} | {float(sc):g} | {t['fitted']:.2e} | {t['learned']:.2e} | "
+                             f"{t['learned'] / t['fitted']:.2f} |")
     return lines
 
 
@@ -163,6 +231,9 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--base-iters", type=int, default=100)
     p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--digits", default=None, metavar="RUN_DIR",
+                   help="instead of the mixtures: the digits UNet trained into RUN_DIR by `dpmjax train --data digits`")
+    p.add_argument("--scales", default="2,1,4", help="digits: guidance scale of the fit, then the others evaluated")
     p.add_argument("--out", default=RESULTS)
     args = p.parse_args(argv)
     import jax
@@ -171,18 +242,24 @@ def main(argv=None):
     t0 = time.perf_counter()
     backend = f"Backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}"
     os.makedirs(args.out, exist_ok=True)
-    md = os.path.join(args.out, "learned_solvers.md")
+    stem = "learned_solvers" + ("_digits" if args.digits else "")
+    md = os.path.join(args.out, stem + ".md")
 
     def report(rows):  # after every case, so that an interrupted run keeps what it measured
         wall = time.perf_counter() - t0
         with open(md, "w") as f:
             f.write("\n".join(table(rows, args, wall, backend, prov)) + "\n")
-        with open(os.path.join(args.out, "learned_solvers.json"), "w") as f:
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
             json.dump({"provenance": prov, "args": vars(args), "rows": rows}, f, indent=1)
-        plot(rows, os.path.join(args.out, "learned_solvers.png"))
+        plot(rows, os.path.join(args.out, stem + ".png"))
 
-    run([int(i) for i in args.problems.split(",")], [int(n) for n in args.nfes.split(",")], args.fit, args.eval,
-        args.iters, args.base_iters, args.lr, report)
+    nfes = [int(n) for n in args.nfes.split(",")]
+    if args.digits:
+        run_digits(args.digits, nfes, args.fit, args.eval, args.iters, args.base_iters, args.lr,
+                   [float(v) for v in args.scales.split(",")], report)
+    else:
+        run([int(i) for i in args.problems.split(",")], nfes, args.fit, args.eval, args.iters, args.base_iters,
+            args.lr, report)
     print(f"written {md} ({time.perf_counter() - t0:.0f}s)")
 
 
