@@ -230,7 +230,7 @@ def main(argv=None):
     p.add_argument("--eval", type=int, default=4096, help="fresh evaluation noises (default 4096)")
     p.add_argument("--iters", type=int, default=300)
     p.add_argument("--base-iters", type=int, default=100)
-    p.add_argument("--lr", type=float, default=0.03)
+    p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--digits", default=None, metavar="RUN_DIR",
                    help="instead of the mixtures: the digits UNet trained into RUN_DIR by `dpmjax train --data digits`")
     p.add_argument("--scales", default="2,1,4", help="digits: guidance scale of the fit, then the others evaluated")

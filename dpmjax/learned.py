@@ -311,7 +311,7 @@ def fit_solver(
     teacher_steps: int = 400,
     teacher_batch: int = 1024,
     iters: int = 300,
-    lr: float = 0.03,
+    lr: float = 0.01,
     batch_size: Optional[int] = None,
     eval_every: int = 10,
     fit_times: bool = True,
