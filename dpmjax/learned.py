@@ -323,9 +323,10 @@ def fit_solver(
     """Fit a ``steps``-evaluation solver to a model: its time steps and its coefficients.
 
     Args:
-      model_fn, params, schedule, model_type, t_start, t_end, condition, unconditional_condition, guidance_scale:
-        as in :func:`dpmjax.sample`; the solver is fitted at this guidance scale. Conditions must have one entry per starting noise
-        (leading axis ``shape[0]``).
+      model_fn, params, schedule, model_type, t_start, t_end: as in :func:`dpmjax.sample`.
+      condition, unconditional_condition, guidance_scale: as in :func:`dpmjax.sample`; the
+        solver is fitted at this guidance scale. Conditions must have one entry per starting
+        noise (leading axis ``shape[0]``).
       key, shape: the starting noises ``x_T`` (``shape = (n, ...)``) drawn from ``key``
         (or given as ``noise``). The last ``holdout`` of them (default ``n // 4``) are held
         out: the parameters kept are the best on them, never worse than the start.
