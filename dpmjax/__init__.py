@@ -7,6 +7,7 @@ from .analytic import GaussianMixture
 from .diffusers import from_diffusers
 from .ems import EMS, compute_ems, degenerate_ems, load_ems, save_ems
 from .fit import fit_timesteps, load_timesteps, save_timesteps
+from .learned import fit_solver, load_solver, save_solver
 from .methods import (ALGORITHMS, METHODS, SOLVER_TYPES, UNIPC_VARIANTS, Adaptive, DPMSolver, DPMSolverPP, Method,
                       SDEDPMSolver, SDEDPMSolverPP, Singlestep, SinglestepFixed, UniPC, V3, from_keywords)
 from .models import (MODEL_TYPES, ClassifierFree, ClassifierGuidance, Thresholding, dynamic_threshold, to_data,
@@ -58,13 +59,16 @@ __all__ = [
     "compute_ems",
     "degenerate_ems",
     "dynamic_threshold",
+    "fit_solver",
     "fit_timesteps",
     "from_diffusers",
     "invert",
     "load_ems",
+    "load_solver",
     "load_timesteps",
     "sample",
     "save_ems",
+    "save_solver",
     "save_timesteps",
     "solver",
     "time_grid",

@@ -188,6 +188,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--no-ema", action="store_true", help="use the raw instead of the EMA parameters")
     sample.add_argument("--out", default=None, help="image to write (default: samples.png, which is not replaced "
                         "if it exists; a file named with --out is)")
+    sample.add_argument("--solver", default=None,
+                        help="a solver file written by `dpmjax fit-solver` (fixes the method, grid and NFE)")
     sample.add_argument("--timesteps", default=None,
                         help="time grid file from `dpmjax fit-steps` (JSON or .npy); sets --steps to its length - 1 "
                              "and the solver to the one it was fitted for (default: none, use --skip-type)")
@@ -224,6 +226,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "lambdas.npy, ems.json; replaced as a whole; default: ems, which is not replaced if it exists; "
                      "a directory named with --out is, when it holds nothing but statistics)")
     ems.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_fit_solver_parser(sub)
     return parser
 
 
@@ -399,6 +402,8 @@ def _cmd_sample(args) -> int:
     from .train.metrics import sliced_wasserstein
     from .train.trainer import load_trained
 
+    if args.solver is not None:
+        return _cmd_sample_solver(args)
     out = _output_file(args, "samples.png", args.checkpoint)
     plots.check_image_path(out)
     solver, grid = _solver_settings(args)
@@ -801,6 +806,141 @@ def _cmd_compute_ems(args) -> int:
     return 0
 
 
+# -- fit-solver / sample --solver -------------------------------------------------------------
+
+
+def _add_fit_solver_parser(sub) -> None:
+    fit = sub.add_parser("fit-solver", help="fit a solver (time steps and coefficients) to a trained model "
+                                            "(dpmjax.fit_solver)")
+    fit.add_argument("--checkpoint", required=True, help="run directory written by `dpmjax train` (required)")
+    fit.add_argument("--steps", type=_positive_int, required=True, help="model evaluations (NFE) of the solver")
+    fit.add_argument("--out", required=True, help="solver file to write (required)")
+    fit.add_argument("--trajectories", type=_positive_int, default=1024,
+                     help="starting noises of the calibration, a quarter of them held out")
+    fit.add_argument("--iters", type=_nonnegative_int, default=300, help="Adam iterations")
+    fit.add_argument("--base-iters", type=_nonnegative_int, default=100,
+                     help="refinement iterations of the starting grids (fit_timesteps)")
+    fit.add_argument("--teacher-steps", type=_positive_int, default=400, help="steps of the teacher solve")
+    fit.add_argument("--max-time", type=_positive_float, default=None, help="stop the iterations after this many "
+                     "seconds (the result then depends on the machine's speed)")
+    fit.add_argument("--guidance-scale", type=_finite_float, default=None,
+                     help="classifier-free guidance scale the solver is fitted at (class-conditional models; "
+                          "default 2)")
+    fit.add_argument("--seed", type=_seed, default=0, help="seed of the calibration noise")
+    fit.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _class_labels(ds, n: int):
+    """``n`` labels cycling through the classes, and the null label of classifier-free guidance."""
+    import jax.numpy as jnp
+
+    labels = jnp.arange(n, dtype=jnp.int32) % ds.num_classes
+    return labels, jnp.full(labels.shape, ds.num_classes, jnp.int32)
+
+
+def _cmd_fit_solver(args) -> int:
+    import jax
+
+    import dpmjax
+    from .train.trainer import load_trained
+
+    from .train.files import check_output_file
+
+    check_output_file(args.out, explicit=True, protected=(args.checkpoint,))
+    trainer, state = load_trained(args.checkpoint)
+    trainer.close()
+    ds = trainer.dataset
+    n = args.trajectories
+    extra = {}
+    if ds.num_classes:
+        scale = 2.0 if args.guidance_scale is None else args.guidance_scale
+        labels, null = _class_labels(ds, n)
+        extra = dict(condition=labels, unconditional_condition=null, guidance_scale=scale)
+    elif args.guidance_scale is not None:
+        raise ValueError(f"--guidance-scale needs a class-conditional model; {ds.name} is unlabelled")
+    t0 = time.perf_counter()
+    solver, info = dpmjax.fit_solver(
+        trainer.model_fn, state.ema_params, jax.random.key(args.seed), (n,) + ds.shape, schedule=trainer.schedule,
+        steps=args.steps, iters=args.iters, base_iters=args.base_iters, teacher_steps=args.teacher_steps,
+        max_time=args.max_time, progress=not args.no_progress, return_info=True, **extra)
+    seconds = time.perf_counter() - t0
+    dpmjax.save_solver(args.out, solver, schedule=trainer.schedule, sample_shape=ds.shape,
+                       checkpoint=os.path.abspath(args.checkpoint), data=ds.name, trajectories=n, seed=args.seed,
+                       guidance_scale=extra.get("guidance_scale"), base=info["base"],
+                       heldout_start=info["start_loss"], heldout_loss=info["heldout_loss"], seconds=seconds)
+    print(f"wrote {args.out}: a {args.steps}-NFE solver from {info['base']} in {seconds:.1f}s; distance to the "
+          f"{args.teacher_steps}-step teacher on held-out noises {info['start_loss']:.4g} -> {info['heldout_loss']:.4g}"
+          + ("" if info["improved"] else " (no improvement: the starting solver is saved)"))
+    return 0
+
+
+def _cmd_sample_solver(args) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import dpmjax
+    from . import learned
+    from .train import plots
+    from .train.metrics import sliced_wasserstein
+    from .train.trainer import load_trained
+
+    fixed = [f"--{k.replace('_', '-')}" for k in ("algorithm", "method", "order", "ems", "timesteps")
+             if getattr(args, k) is not None]
+    if args.skip_type != "logSNR":
+        fixed.append("--skip-type")
+    if fixed:
+        raise ValueError(f"--solver fixes the method and its time steps; drop {', '.join(fixed)}")
+    out = _output_file(args, "samples.png", args.checkpoint)
+    plots.check_image_path(out)
+    trainer, state = load_trained(args.checkpoint, step=args.step)
+    trainer.close()
+    ds = trainer.dataset
+    solver = dpmjax.load_solver(args.solver, schedule=trainer.schedule, sample_shape=ds.shape)
+    if args.steps != 10 and args.steps != solver.num_evals:
+        raise ValueError(f"--solver {args.solver} makes {solver.num_evals} model evaluations; drop --steps")
+    meta = learned.load_solver_metadata(args.solver).get("metadata", {})
+    params = state.ema_params if not args.no_ema else state.params
+    label = f"solver {os.path.basename(args.solver)}, {solver.num_evals} NFE"
+    key = jax.random.key(args.seed)
+    if ds.num_classes == 0:
+        if args.class_ is not None or args.guidance_scale is not None:
+            raise ValueError(f"--class/--guidance-scale need a class-conditional model; {ds.name} is unlabelled")
+        n = args.num or 2000
+        x_T = solver.prior_std * jax.random.normal(key, (n,) + ds.shape)
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(jax.jit(lambda p, x: learned._run(solver, trainer.model_fn, p, x))(params, x_T))
+        seconds = time.perf_counter() - t0
+        ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
+        swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
+        if not math.isfinite(swd):
+            raise RuntimeError(f"samples are not finite ({label})")
+        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD to the data {swd:.4f}", x)], out,
+                             suptitle="SWD: sliced Wasserstein distance to fresh data samples (lower is better)")
+        print(f"wrote {out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
+              f"sliced Wasserstein distance to the data {swd:.4f}")
+        return 0
+    if args.class_ is not None and args.class_ >= ds.num_classes:
+        raise ValueError(f"--class must be in 0..{ds.num_classes - 1}, got {args.class_}")
+    fitted_at = meta.get("guidance_scale")
+    scale = (fitted_at if fitted_at is not None else 2.0) if args.guidance_scale is None else args.guidance_scale
+    n = args.num or (8 * ds.num_classes if args.class_ is None else 64)
+    labels, null = _class_labels(ds, n)
+    if args.class_ is not None:
+        labels = jnp.full((n,), args.class_, jnp.int32)
+    x_T = solver.prior_std * jax.random.normal(key, (n,) + ds.shape)
+    t0 = time.perf_counter()
+    x = jax.block_until_ready(jax.jit(lambda p, x, c, u, s: learned._run(solver, trainer.model_fn, p, x, c, u, s))(
+        params, x_T, labels, null, jnp.asarray(scale, x_T.dtype)))
+    seconds = time.perf_counter() - t0
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
+    rows = ds.num_classes if args.class_ is None else max(1, int(math.sqrt(n)))
+    plots.image_grid(x, out, rows=rows, title=f"{label}, guidance {scale:g}")
+    note = "" if fitted_at is None or fitted_at == scale else f" (the solver was fitted at {fitted_at:g})"
+    print(f"wrote {out}: {n} images, {label}, guidance scale {scale:g}{note}, {seconds:.2f}s (incl. compile)")
+    return 0
+
+
 # -- entry point --------------------------------------------------------------------------
 
 
@@ -884,7 +1024,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = _build_parser().parse_args(argv)
         _require_extras(args)
         commands = {"demo": _cmd_demo, "train": _cmd_train, "sample": _cmd_sample, "fit-steps": _cmd_fit_steps,
-                    "compute-ems": _cmd_compute_ems}
+                    "compute-ems": _cmd_compute_ems, "fit-solver": _cmd_fit_solver}
         return commands[args.command](args)
     except _UsageError as e:
         print(str(e), file=sys.stderr)
