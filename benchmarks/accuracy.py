@@ -342,8 +342,10 @@ def plot(results, nfes, path, prov=None):
                     ax.loglog(nfes, ys, styles[skip], color=palette[c], marker=".", lw=1.2,
                               label=f"{label} {skip}" if i == 0 and j == 0 else None)
             for k, kind in enumerate(GENERIC):
-                xs = [res["actual_nfe"][(kind, "time_uniform", n)] for n in nfes if (kind, "time_uniform", n) in res["errors"]]
-                ys = [res["errors"][(kind, "time_uniform", n)][j] for n in nfes if (kind, "time_uniform", n) in res["errors"]]
+                xs = [res["actual_nfe"][(kind, "time_uniform", n)]
+                      for n in nfes if (kind, "time_uniform", n) in res["errors"]]
+                ys = [res["errors"][(kind, "time_uniform", n)][j]
+                      for n in nfes if (kind, "time_uniform", n) in res["errors"]]
                 ax.loglog(xs, ys, "-", color=str(0.25 + 0.25 * k), marker="x", lw=1.0,
                           label=f"{kind} (t, time_uniform)" if i == 0 and j == 0 else None)
             ax.set_title(f"{res['schedule']}\n{prob}", fontsize=9)
@@ -398,7 +400,8 @@ def report(results, nfes, args, wall):
         lines.append("| rank | solver | skip | geo-mean error | vs current default |")
         lines.append("|---:|---|---|---:|---:|")
         for r, ((label, skip), v) in enumerate(best, 1):
-            lines.append(f"| {r} | {label} | {skip} | {v:.2e} | {v / d:.2f}x |" if d else f"| {r} | {label} | {skip} | {v:.2e} | |")
+            lines.append(f"| {r} | {label} | {skip} | {v:.2e} | {v / d:.2f}x |" if d
+                         else f"| {r} | {label} | {skip} | {v:.2e} | |")
         if d:
             lines.append(f"| — | {DEFAULT[0]} (default) | {DEFAULT[1]} | {d:.2e} | 1.00x |")
         lines.append("")
@@ -433,7 +436,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="NFE 5/10/20, 256 samples, shorter reference")
     p.add_argument("--batch", type=int, default=None, help="samples per problem (default 1000, quick 256)")
-    p.add_argument("--ref-steps", type=int, default=None, help="reference steps (checked against 2x; default 4000, quick 2000)")
+    p.add_argument("--ref-steps", type=int, default=None,
+                   help="reference steps (checked against 2x; default 4000, quick 2000)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one per schedule)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--cache-dir", default=None, help="JAX persistent compilation cache (makes reruns fast)")

@@ -56,7 +56,8 @@ def main(argv=None):
         return float(jnp.sqrt(jnp.mean((x - ref) ** 2)))
 
     lines = ["# Adaptive and stochastic samplers", "",
-             f"2-D 8-mode ring mixture (std 0.05), VPLinear, float64, {n} samples; backend {jax.default_backend()}.", "",
+             f"2-D 8-mode ring mixture (std 0.05), VPLinear, float64, {n} samples; "
+             f"backend {jax.default_backend()}.", "",
              "## Adaptive step size: NFE vs RMS error (vs a 4000-step DPM-Solver++(3M) reference)", "",
              "| solver | rtol | atol | NFE | accepted | rejected | RMS error |", "|---|---:|---:|---:|---:|---:|---:|"]
     for order in (2, 3):

@@ -83,9 +83,9 @@ def main(argv=None):
         array.sum()
         return direct()
 
-    calls = {"limit": lambda: limit(params, x, ts, a, b), "sample()": sample, "compiled program, called directly": direct,
-             "busy 30 us, then the direct call": busy, "touch Python objects, then the direct call": touch,
-             "sum 64 KB array, then the direct call": reduce}
+    calls = {"limit": lambda: limit(params, x, ts, a, b), "sample()": sample,
+             "compiled program, called directly": direct, "busy 30 us, then the direct call": busy,
+             "touch Python objects, then the direct call": touch, "sum 64 KB array, then the direct call": reduce}
     np.testing.assert_array_equal(direct(), sample())
     for fn in calls.values():
         for _ in range(5):

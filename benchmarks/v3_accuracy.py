@@ -155,7 +155,8 @@ def run_schedule(schedule_name, nfes, batch, ref_steps, n_lambdas, ems_samples, 
 
 ROWS = ("DPM-Solver-v3", "DPM-Solver-v3, corrector on", "v3, degenerate EMS", "UniPC-bh2 order 3", "DPM-Solver++(3M)",
         "UniPC-bh2 order 3, fitted grid", "DPM-Solver-v3, fitted grid")
-MEASURES = (("rms", "RMS error"), ("median", "median per-sample error"), ("flips", "fraction of samples in another mode"))
+MEASURES = (("rms", "RMS error"), ("median", "median per-sample error"),
+            ("flips", "fraction of samples in another mode"))
 
 
 def table(res, nfes, measure="rms", which=None):

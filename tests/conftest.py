@@ -18,8 +18,8 @@ import pytest
 #: Eager JAX operations (a schedule's finiteness check, ``jax.random.key``) compile one-op
 #: kernels the first time they run in a process; the "before anything compiles" tests
 #: look for these programs.
-LIBRARY_PROGRAMS = ("jit(_build)", "jit(_fixed_program)", "jit(_adaptive_program)", "jit(_refine)", "jit(_start_losses)",
-                    "jit(_model_outputs)", "jit(time_grid)", "jit(_ems_rows)")
+LIBRARY_PROGRAMS = ("jit(_build)", "jit(_fixed_program)", "jit(_adaptive_program)", "jit(_refine)",
+                    "jit(_start_losses)", "jit(_model_outputs)", "jit(time_grid)", "jit(_ems_rows)")
 
 
 def library_programs(messages):

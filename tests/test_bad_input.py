@@ -128,7 +128,8 @@ CASES = [
     # options the method would ignore
     ("rtol-multistep", lambda: call(method="multistep", rtol=1e-9), ValueError,
      r"rtol=1e-09 does not apply to method='multistep'"),
-    ("variant-multistep", lambda: call(variant="bh1"), ValueError, r"variant='bh1' does not apply to method='multistep'"),
+    ("variant-multistep", lambda: call(variant="bh1"), ValueError,
+     r"variant='bh1' does not apply to method='multistep'"),
     ("disable_corrector-multistep", lambda: call(disable_corrector=(1,)), ValueError,
      r"disable_corrector=\(1,\) does not apply to method='multistep'"),
     ("solver_type-unipc", lambda: call(method="unipc", solver_type="taylor"), ValueError,

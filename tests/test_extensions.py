@@ -158,7 +158,8 @@ def test_adaptive_with_a_nan_model_stops_at_once_and_returns_nan():
                                       (dict(max_nfe=1), "max_nfe"), (dict(rtol=-1.0), "rtol")])
 def test_adaptive_options_are_validated(kw, name):
     with pytest.raises(ValueError, match=name):
-        dpmjax.sample(lambda p, x, t: x, None, None, (B, D), schedule=VP, method="adaptive", order=2, noise=_noise0(), **kw)
+        dpmjax.sample(lambda p, x, t: x, None, None, (B, D), schedule=VP, method="adaptive", order=2,
+                      noise=_noise0(), **kw)
 
 
 @pytest.mark.slow

@@ -94,7 +94,8 @@ def test_fitted_grid_is_valid_and_not_worse_on_its_fitting_set(which, request):
     xT = jax.random.normal(jax.random.key(8), (128, 2))
     exact = _gm().ode_solution(xT, SCHED, SCHED.T, SCHED.t_eps)
     start = {"timesteps": info["dp_grid"]} if info["start"] == "dp" else {"skip_type": info["start"]}
-    err = {name: _rms(dpmjax.sample(_model(), _gm(), None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2, **g),
+    err = {name: _rms(dpmjax.sample(_model(), _gm(), None, xT.shape, schedule=SCHED, noise=xT, steps=STEPS, order=2,
+                                    **g),
                       exact) for name, g in (("fitted", {"timesteps": grid}), ("start", start))}
     assert err["fitted"] < 0.7 * err["start"], (info["start"], err)
 
@@ -175,8 +176,10 @@ def test_fit_argument_errors():
     with pytest.raises(ValueError, match="steps"):
         dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=50, n_candidates=10)
     with pytest.raises(ValueError, match="fine_steps"):
-        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, n_candidates=10, fine_steps=25)
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, n_candidates=10,
+                             fine_steps=25)
     with pytest.raises(ValueError, match="method"):
         dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, method="singlestep")
     with pytest.raises(ValueError, match="algorithm"):
-        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4, algorithm="sde-dpmsolver++")
+        dpmjax.fit_timesteps(_model(), _gm(), jax.random.key(0), (8, 2), schedule=SCHED, steps=4,
+                             algorithm="sde-dpmsolver++")

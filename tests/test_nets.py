@@ -66,7 +66,8 @@ def test_mlp_extrapolates_linearly_in_x(mlp):
     _, params, model_fn = mlp
     d = jnp.array([[0.6, 0.8]])
     t = jnp.ones((1,))
-    small, big = (float(jnp.linalg.norm(model_fn(params, r * d, t) - model_fn(params, 0 * d, t))) for r in (10.0, 100.0))
+    small, big = (float(jnp.linalg.norm(model_fn(params, r * d, t) - model_fn(params, 0 * d, t)))
+                  for r in (10.0, 100.0))
     assert big > 5.0 * small
 
 
@@ -85,7 +86,8 @@ def test_unet_class_embedding_and_null_class(unet):
 
 def test_unconditional_networks_reject_a_condition():
     with pytest.raises(ValueError, match="condition"):
-        build_model({"kind": "unet", "channels": 4, "temb_dim": 8})(jnp.zeros((1, 8, 8, 1)), jnp.ones(1), jnp.zeros(1, int))
+        build_model({"kind": "unet", "channels": 4, "temb_dim": 8})(jnp.zeros((1, 8, 8, 1)), jnp.ones(1),
+                                                                    jnp.zeros(1, int))
     with pytest.raises(ValueError, match="condition"):
         build_model({"kind": "mlp", "width": 8})(jnp.zeros((1, 2)), jnp.ones(1), jnp.zeros(1, int))
 

@@ -163,7 +163,8 @@ def _reference_cases():
                 sched = SCHEDULES[i % 3]
                 kw = dict(algorithm=algorithm, method=method, order=order, steps=steps, skip_type=skip,
                           solver_type=solver_type, variant=variant)
-                ident = f"{method}-o{order}-{variant if method == 'unipc' else solver_type}-{algorithm}-{skip}-{sched}-N{steps}"
+                ident = (f"{method}-o{order}-{variant if method == 'unipc' else solver_type}-{algorithm}-{skip}"
+                         f"-{sched}-N{steps}")
                 cases.append(pytest.param(sched, kw, id=ident))
                 i += 1
     extra = [
@@ -318,15 +319,17 @@ def test_reference_convergence_full_cross():
     """
     bad = []
     for sched_name in SCHEDULES:
-        rsched = R.Linear() if sched_name == "linear" else R.Cosine() if sched_name == "cosine" else R.Discrete.named("linear")
+        rsched = (R.Linear() if sched_name == "linear" else R.Cosine() if sched_name == "cosine"
+                  else R.Discrete.named("linear"))
         exact = R.gaussian_ode_solution(X_T, rsched, rsched.T, rsched.t_eps, MEAN, STD)
         for method, order, steps, expected in SERIES:
-            solver_types = ("dpmsolver", "taylor") if (method != "unipc" and order == 2) or method.startswith("single") else ("dpmsolver",)
+            solver_types = (("dpmsolver", "taylor") if (method != "unipc" and order == 2) or method.startswith("single")
+                            else ("dpmsolver",))
             for algorithm in ("dpmsolver++", "dpmsolver"):
                 variants = ("bh1", "bh2") if method == "unipc" else ("bh2",)
                 for solver_type, variant in [(st, v) for st in solver_types for v in variants]:
-                    errors = [np.sqrt(np.mean((ref_sample(rsched, algorithm=algorithm, method=method, order=order, steps=n,
-                                                          skip_type="logSNR", lower_order_final=False,
+                    errors = [np.sqrt(np.mean((ref_sample(rsched, algorithm=algorithm, method=method, order=order,
+                                                          steps=n, skip_type="logSNR", lower_order_final=False,
                                                           solver_type=solver_type, variant=variant) - exact) ** 2))
                               for n in steps]
                     p = fitted_order(steps, errors)
@@ -488,7 +491,8 @@ def test_order1_is_ddim_for_both_algorithms(x64):
         a_s, s_s, a_t, s_t = rsched.alpha(s), rsched.sigma(s), rsched.alpha(t), rsched.sigma(t)
         e = EPS(x, a_s, s_s)
         x = a_t * (x - s_s * e) / a_s + s_t * e
-    out = {alg: lib_sample(sched, algorithm=alg, method="multistep", order=1, steps=steps) for alg in ("dpmsolver++", "dpmsolver")}
+    out = {alg: lib_sample(sched, algorithm=alg, method="multistep", order=1, steps=steps)
+           for alg in ("dpmsolver++", "dpmsolver")}
     for alg, v in out.items():
         assert_close(v, x, 1e-9, f"DDIM vs {alg}")
     np.testing.assert_allclose(out["dpmsolver"], out["dpmsolver++"], rtol=0, atol=1e-12)
@@ -690,7 +694,8 @@ def test_no_recompilation_for_new_values():
     c2, u2 = c + 1.0, u - 0.5
     p1, p2, s1, s2 = jnp.asarray(1.0), jnp.asarray(0.9), jnp.asarray(2.0), jnp.asarray(4.0)
     k1, k2 = jax.random.key(0), jax.random.key(1)
-    jax.block_until_ready(dpmjax.sample(model, p1, None, (B, D), noise=jnp.asarray(X_T, jnp.float32), guidance_scale=s1, **kw))
+    jax.block_until_ready(dpmjax.sample(model, p1, None, (B, D), noise=jnp.asarray(X_T, jnp.float32),
+                                        guidance_scale=s1, **kw))
     jax.block_until_ready(dpmjax.sample(model, p1, k1, (B, D), guidance_scale=s1, **kw))
     msgs = compiled_during(lambda: [
         dpmjax.sample(model, p2, None, (B, D), noise=noise2, guidance_scale=s2, **kw),
@@ -707,13 +712,15 @@ def test_vmap_over_keys_and_guidance_scale():
     sched, model, c, u = cond_setup()
     kw = dict(schedule=sched, condition=c, unconditional_condition=u, **GKW)
     keys = jax.random.split(jax.random.key(3), 3)
-    batched = jax.vmap(lambda k: dpmjax.sample(model, jnp.asarray(1.0), k, (B, D), guidance_scale=jnp.asarray(2.0), **kw))(keys)
+    batched = jax.vmap(lambda k: dpmjax.sample(model, jnp.asarray(1.0), k, (B, D), guidance_scale=jnp.asarray(2.0),
+                                               **kw))(keys)
     for i in range(3):
         one = dpmjax.sample(model, jnp.asarray(1.0), keys[i], (B, D), guidance_scale=jnp.asarray(2.0), **kw)
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(one), rtol=1e-5, atol=1e-5)
     scales = jnp.asarray([1.0, 2.0, 5.0])
     noise = jnp.asarray(X_T, jnp.float32)
-    batched = jax.vmap(lambda s: dpmjax.sample(model, jnp.asarray(1.0), None, (B, D), noise=noise, guidance_scale=s, **kw))(scales)
+    batched = jax.vmap(lambda s: dpmjax.sample(model, jnp.asarray(1.0), None, (B, D), noise=noise, guidance_scale=s,
+                                               **kw))(scales)
     for i in range(3):
         one = dpmjax.sample(model, jnp.asarray(1.0), None, (B, D), noise=noise, guidance_scale=scales[i], **kw)
         np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(one), rtol=1e-5, atol=1e-5)

@@ -338,7 +338,8 @@ def _perturbed_gaussian_ems(sched, n):
     L = np.asarray(lam)[:, None]
     l, s, b = _gaussian_ems(lam)
     w = 1.0 / (1.0 + np.exp(-4.0 * (L - L[0] - 3.0)))
-    return EMS(lam, jnp.asarray(l + 0.3 * w * np.sin(L)), jnp.asarray(s + 0.2 * w * np.cos(L)), jnp.asarray(b + 0.1 * w))
+    return EMS(lam, jnp.asarray(l + 0.3 * w * np.sin(L)), jnp.asarray(s + 0.2 * w * np.cos(L)),
+               jnp.asarray(b + 0.1 * w))
 
 
 
@@ -348,7 +349,8 @@ def _cumtrapz(y, x):
     return np.concatenate([np.zeros_like(y[:1]), np.cumsum(inc, 0)], 0)
 
 
-def _v3_loop_reference(x0_fn, ems, idx, times, alphas, x_T, order, use_corrector, p_pseudo, c_pseudo, lower_order_final):
+def _v3_loop_reference(x0_fn, ems, idx, times, alphas, x_T, order, use_corrector, p_pseudo, c_pseudo,
+                       lower_order_final):
     """DPM-Solver-v3 as a plain loop over steps, in the paper's anchored form: cumulative
     integrals ``L, S, I = int e^{L+S}, B = int e^-S b, C = int e^{L+S} B`` over the whole
     grid, ``g_i = e^{S_s - S_i} f_i - e^{S_s} (B_i - B_s)`` relative to each step's anchor,
@@ -416,7 +418,8 @@ def _v3_loop_reference(x0_fn, ems, idx, times, alphas, x_T, order, use_corrector
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "order, use_corrector, p_pseudo, c_pseudo, lower_order_final",
-    [(3, True, True, True, False), (3, True, False, False, True), (2, True, True, True, True), (3, False, True, False, True)],
+    [(3, True, True, True, False), (3, True, False, False, True), (2, True, True, True, True),
+     (3, False, True, False, True)],
 )
 def test_matches_loop_reference_with_general_ems(x64, order, use_corrector, p_pseudo, c_pseudo, lower_order_final):
     """The table-driven scan equals the step-by-step loop on non-trivial EMS (every option)."""
