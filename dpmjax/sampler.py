@@ -96,8 +96,10 @@ def _noise_sharding(sharding, noise):
 @functools.lru_cache(maxsize=None)
 def _unit_scale(dtype):
     """The guidance scale 1 of unguided calls, made once per dtype (device-resident: a
-    host scalar would be copied to the device on every call)."""
-    return jnp.asarray(1.0, dtype)
+    host scalar would be copied to the device on every call). Made outside any trace: a
+    first call inside the user's ``jit`` must not cache a tracer."""
+    with jax.ensure_compile_time_eval():
+        return jnp.asarray(1.0, dtype)
 
 
 def _guidance_arrays(guidance, kind):

@@ -833,6 +833,18 @@ def solver(schedule: NoiseSchedule, method=None, grid=None, *, model_type: str =
                         denoise_to_zero=denoise_to_zero)
 
 
+def _outside_traces() -> bool:
+    """Whether no JAX transformation is being traced. Inside one (the user's ``jit``,
+    ``grad``, ``vmap``), a solver is built inside the trace instead of taken from the cache:
+    a cached solver's arrays would become constants of the user's program."""
+    try:
+        from jax._src import core as _core
+
+        return bool(_core.trace_state_clean())
+    except (ImportError, AttributeError):  # no such check in this jax: never cache
+        return False
+
+
 def build_solver(schedule, method, grid, *, model_type="noise", thresholding=None, denoise_to_zero=False,
                  direction="decreasing", sample_shape=None) -> Solver:
     """The :class:`Solver` of method and grid objects (checked here, before anything is
@@ -841,7 +853,7 @@ def build_solver(schedule, method, grid, *, model_type="noise", thresholding=Non
     increasing). A solver of a hashable, concrete configuration is built once per schedule
     and reused (the schedule is held weakly: nothing outlives it)."""
     key = None
-    if not isinstance(method, _methods.V3):
+    if not isinstance(method, _methods.V3) and _outside_traces():
         key = (method, grid, model_type, thresholding, denoise_to_zero, direction, jax.config.jax_enable_x64)
         try:
             hit = _cache.table_of(schedule).get(key)
