@@ -189,7 +189,8 @@ def _build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default=None, help="image to write (default: samples.png, which is not replaced "
                         "if it exists; a file named with --out is)")
     sample.add_argument("--solver", default=None,
-                        help="a solver file written by `dpmjax fit-solver` (fixes the method, grid and NFE)")
+                        help="a solver file written by `dpmjax fit-solver` (fixes the method, grid and NFE; "
+                             "default: none, the solver of the options below)")
     sample.add_argument("--timesteps", default=None,
                         help="time grid file from `dpmjax fit-steps` (JSON or .npy); sets --steps to its length - 1 "
                              "and the solver to the one it was fitted for (default: none, use --skip-type)")
@@ -822,7 +823,7 @@ def _add_fit_solver_parser(sub) -> None:
                      help="refinement iterations of the starting grids (fit_timesteps)")
     fit.add_argument("--teacher-steps", type=_positive_int, default=400, help="steps of the teacher solve")
     fit.add_argument("--max-time", type=_positive_float, default=None, help="stop the iterations after this many "
-                     "seconds (the result then depends on the machine's speed)")
+                     "seconds (the result then depends on the machine's speed; default: no limit)")
     fit.add_argument("--guidance-scale", type=_finite_float, default=None,
                      help="classifier-free guidance scale the solver is fitted at (class-conditional models; "
                           "default 2)")
@@ -975,7 +976,7 @@ def _quiet_event_loop_noise() -> None:
 # What each command imports beyond the sampler, and the extra that installs it.
 _EXTRA_MODULES = {"train": ("flax", "orbax.checkpoint", "tqdm"), "demo": ("matplotlib", "sklearn")}
 _COMMAND_EXTRAS = {"demo": ("train", "demo"), "train": ("train",), "sample": ("train", "demo"),
-                   "fit-steps": ("train",), "compute-ems": ("train",)}
+                   "fit-steps": ("train",), "compute-ems": ("train",), "fit-solver": ("train",)}
 
 
 def _require_extras(args) -> None:

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: pages whose blocks train or fit a model, or compile a dozen programs (15 s to minutes on
 #: two busy cores): the full tier only. index.md's complete example stays in the quick tier.
 SLOW_PAGES = {"README.md", "docs/getting-started.md", "docs/custom-loops.md", "docs/training.md",
-              "docs/fitted-grids.md", "docs/solvers.md"}
+              "docs/fitted-grids.md", "docs/solvers.md", "docs/learned-solvers.md"}
 
 #: the ``python`` blocks marked ``<!-- not run: ... -->``, as (page, first code line)
 NOT_RUN = {("docs/diffusers.md", "for t in scheduler.timesteps:")}
