@@ -139,6 +139,7 @@ def _closure_model(i, mb=8):
     return model_fn, gm
 
 
+@pytest.mark.slow
 def test_model_functions_are_released_after_their_calls():
     """20 closures, each capturing a large array, are all garbage after their ``sample``,
     ``fit_timesteps`` and ``compute_ems`` calls (nothing module-level holds them)."""
@@ -238,6 +239,7 @@ def test_compute_ems_of_a_guided_conditional_model_equals_the_hand_written_guide
     assert not np.allclose(np.asarray(plain.b), np.asarray(ems.b), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_fit_timesteps_with_classifier_guidance_equals_the_hand_written_guided_model():
     schedule = dpmjax.VPLinear()  # model time = t, so the hand-written model knows sigma
     gm = dpmjax.GaussianMixture.isotropic(MEANS, 0.4)
