@@ -212,6 +212,7 @@ def _cond_mixture(schedule):
     return model_fn
 
 
+@pytest.mark.slow
 def test_compute_ems_of_a_guided_conditional_model_equals_the_hand_written_guided_model(x64):
     # float64: the s regression divides by a small variance, which magnifies float32 rounding
     schedule = dpmjax.VPLinear()

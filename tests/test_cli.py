@@ -635,6 +635,7 @@ def _without_extras(code, *argv):
     return r.returncode, r.stdout, [l for l in r.stderr.splitlines() if l.strip()]
 
 
+@pytest.mark.slow
 def test_the_sampler_and_the_command_line_without_the_extras(tmp_path):
     # a core install (no flax, orbax, matplotlib, scikit-learn, tqdm): sampling works, and each
     # command that needs an extra says, in one line, which one to install

@@ -120,6 +120,7 @@ def test_consistency_breaks_without_the_constraint(x64):
     assert float(jnp.max(jnp.abs(x - exact))) > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [BASES[0], BASES[2]], ids=["unipc", "multistep"])
 def test_gradient_matches_finite_differences(x64, kw):
     schedule = dpmjax.VPLinear()
@@ -302,6 +303,7 @@ def test_fit_improves_and_is_never_worse_on_heldout(kw):
     assert e_fit < e_base
 
 
+@pytest.mark.slow
 def test_fit_returns_the_start_when_nothing_improves():
     schedule, gm, base, x = _fit_setup()
     model_fn = gm.model_fn(schedule)

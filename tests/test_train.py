@@ -308,6 +308,7 @@ Trainer(TrainConfig.from_dict(json.loads(sys.argv[2])), sys.argv[1]).train(progr
 """
 
 
+@pytest.mark.slow
 def test_kill9_after_a_checkpoint_then_resume_logs_each_step_once(tmp_path, reference):
     # SIGKILL while logging the steps after the checkpoint of step 20 (they run again on resume),
     # with the last line cut short: the resumed run's losses.jsonl has one line per step, in order,
