@@ -296,12 +296,7 @@ def fit_timesteps(
     """
     if not callable(model_fn):
         raise TypeError(f"model_fn must be callable; got {type(model_fn).__name__}")
-    flat_guidance = {k: keywords.pop(k) for k in ("unconditional_condition", "guidance_scale", "classifier_fn")
-                     if k in keywords}
-    if flat_guidance:
-        if guidance is not None:
-            raise ValueError(f"give guidance either as guidance= or as {', '.join(flat_guidance)}=, not both")
-        guidance = _models.guidance_from_keywords(**flat_guidance)
+    guidance = _models.pop_guidance(guidance, keywords)
     bad = set(keywords) - {"algorithm", "order", "solver_type", "variant", "lower_order_final"}
     if bad:
         raise TypeError(f"fit_timesteps got unexpected keyword argument(s): {', '.join(sorted(bad))}")

@@ -243,6 +243,19 @@ def guidance_from_keywords(unconditional_condition=None, guidance_scale=1.0, cla
     return None
 
 
+def pop_guidance(guidance, keywords: dict):
+    """``guidance``, or the guidance object of the authors' flat keywords popped from
+    ``keywords`` (``unconditional_condition``, ``guidance_scale``, ``classifier_fn``); both
+    at once are refused."""
+    flat = {k: keywords.pop(k) for k in ("unconditional_condition", "guidance_scale", "classifier_fn")
+            if k in keywords}
+    if not flat:
+        return guidance
+    if guidance is not None:
+        raise ValueError(f"give guidance either as guidance= or as {', '.join(flat)}=, not both")
+    return guidance_from_keywords(**flat)
+
+
 def check_scale(scale, kind):
     """Validate a guidance scale: a finite real scalar (or a traced scalar)."""
     if isinstance(scale, jax.core.Tracer):

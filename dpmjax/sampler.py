@@ -226,12 +226,7 @@ def _prepare(model_fn, key, shape, solver, schedule, method, grid, model_type, t
     if correcting_xt_fn is not None and not callable(correcting_xt_fn):
         raise TypeError(f"correcting_xt_fn must be callable; got {type(correcting_xt_fn).__name__}")
     save_states = _solvers._boolean("save_states", save_states)
-    flat_guidance = {k: keywords.pop(k) for k in ("unconditional_condition", "guidance_scale", "classifier_fn")
-                     if k in keywords}
-    if flat_guidance:
-        if guidance is not None:
-            raise ValueError(f"give guidance either as guidance= or as {', '.join(flat_guidance)}=, not both")
-        guidance = _models.guidance_from_keywords(**flat_guidance)
+    guidance = _models.pop_guidance(guidance, keywords)
     kind = _models.check_guidance(shape[0], condition, guidance)
     uncond, scale = _guidance_arrays(guidance, kind)
     classifier_fn = guidance.classifier_fn if kind == "classifier" else None
@@ -464,12 +459,7 @@ def invert(
                          "'singlestep_fixed', 'unipc'; algorithm 'dpmsolver++' or 'dpmsolver')")
     x0 = jnp.asarray(x0)
     shape = _check_shape(x0.shape)
-    flat_guidance = {k: keywords.pop(k) for k in ("unconditional_condition", "guidance_scale", "classifier_fn")
-                     if k in keywords}
-    if flat_guidance:
-        if guidance is not None:
-            raise ValueError(f"give guidance either as guidance= or as {', '.join(flat_guidance)}=, not both")
-        guidance = _models.guidance_from_keywords(**flat_guidance)
+    guidance = _models.pop_guidance(guidance, keywords)
     kind = _models.check_guidance(shape[0], condition, guidance)
     uncond, scale = _guidance_arrays(guidance, kind)
     classifier_fn = guidance.classifier_fn if kind == "classifier" else None
