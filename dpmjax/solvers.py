@@ -496,15 +496,10 @@ class Solver:
         if not _is_traced(state.i) and int(state.i) != self.num_evals:
             raise ValueError(f"result() needs a finished state: state.i = {int(state.i)} of num_evals = "
                              f"{self.num_evals} steps (call step() until state.i == solver.num_evals)")
-        x = self._result(state)
+        x = (state.x if state.y is None else state.y) / self.end_scale
         if _is_traced(state.i):
             x = jnp.where(state.i == self.num_evals, x, jnp.asarray(jnp.nan, x.dtype))
         return x
-
-    def _result(self, state: SolverState):
-        """:meth:`result` without its checks (the drivers of :func:`dpmjax.sample`)."""
-        x = state.x if state.y is None else state.y
-        return x / self.end_scale
 
     def _check_state(self, state, where, before_end=False):
         """Refuse a state that is not this solver's (its layout: ``y`` present or not,
