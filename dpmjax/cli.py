@@ -818,7 +818,10 @@ def _add_fit_solver_parser(sub) -> None:
     fit.add_argument("--out", required=True, help="solver file to write (required)")
     fit.add_argument("--trajectories", type=_positive_int, default=1024,
                      help="starting noises of the calibration, a quarter of them held out")
-    fit.add_argument("--iters", type=_nonnegative_int, default=300, help="Adam iterations")
+    fit.add_argument("--iters", type=_nonnegative_int, default=1000, help="Adam iterations")
+    fit.add_argument("--loss", choices=("rms", "mean"), default="rms",
+                     help="distance to the teacher: RMS over samples and coordinates, or the mean of the per-sample "
+                          "RMS distances (dpmjax.fit_solver's loss)")
     fit.add_argument("--base-iters", type=_nonnegative_int, default=100,
                      help="refinement iterations of the starting grids (fit_timesteps)")
     fit.add_argument("--teacher-steps", type=_positive_int, default=400, help="steps of the teacher solve")
@@ -863,11 +866,11 @@ def _cmd_fit_solver(args) -> int:
     solver, info = dpmjax.fit_solver(
         trainer.model_fn, state.ema_params, jax.random.key(args.seed), (n,) + ds.shape, schedule=trainer.schedule,
         steps=args.steps, iters=args.iters, base_iters=args.base_iters, teacher_steps=args.teacher_steps,
-        max_time=args.max_time, progress=not args.no_progress, return_info=True, **extra)
+        loss=args.loss, max_time=args.max_time, progress=not args.no_progress, return_info=True, **extra)
     seconds = time.perf_counter() - t0
     dpmjax.save_solver(args.out, solver, schedule=trainer.schedule, sample_shape=ds.shape,
                        checkpoint=os.path.abspath(args.checkpoint), data=ds.name, trajectories=n, seed=args.seed,
-                       guidance_scale=extra.get("guidance_scale"), base=info["base"],
+                       guidance_scale=extra.get("guidance_scale"), base=info["base"], loss=args.loss,
                        heldout_start=info["start_loss"], heldout_loss=info["heldout_loss"], seconds=seconds)
     print(f"wrote {args.out}: a {args.steps}-NFE solver from {info['base']} in {seconds:.1f}s; distance to the "
           f"{args.teacher_steps}-step teacher on held-out noises {info['start_loss']:.4g} -> {info['heldout_loss']:.4g}"
