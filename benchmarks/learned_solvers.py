@@ -4,12 +4,12 @@ For each Gaussian mixture of the accuracy benchmark (``accuracy.make_problems``;
 noise predictor, VPLinear schedule) and each NFE:
 
 1. calibrate, in float32 as a user would, on ``--fit`` starting noises (key 1; the last
-   quarter held out): ``dpmjax.fit_solver`` with its default base (UniPC-bh2 and
+   quarter held out): ``dpmjax.fit_solver`` with its default bases (UniPC-bh2 and
    DPM-Solver++(2M), each on a grid from ``dpmjax.fit_timesteps`` with ``--base-iters``
-   refinement iterations, the better on the held-out noises), then ``--iters`` Adam
-   iterations on the grid, the network's times and the coefficients; the calibration
-   time is the whole call (teacher, both grid fits, compilation). Then, from the same
-   start, the same fit with ``loss="mean"``;
+   refinement iterations), each fitted with ``--iters`` Adam iterations on the grid, the
+   network's times and the coefficients, the better on the held-out noises kept; the
+   calibration time is the whole call (teacher, both grid fits, both fits, compilation).
+   Then, from the base of that result, the same fit with ``loss="mean"``;
 2. evaluate on ``--eval`` *fresh* noises (key 2) in float64 (the fitted tables cast to
    float64) against DPM-Solver++(3M) with 500 logSNR steps from the same noise (checked
    against 1000 steps). Each sample's error is its RMS distance to the reference over the
@@ -350,11 +350,12 @@ def table(rows, args, wall, backend, prov):
             "Each sample's error is its RMS distance to the reference over the coordinates; a table per summary "
             "of them over the samples. Best fixed: the best of 5 fixed grids x {UniPC-bh2, DPM-Solver++(2M)} "
             "(order 2). Fitted grid: the better of the two `fit_timesteps` grids (with network times) that "
-            "fit_solver starts from. Learned: `fit_solver` with its default `loss=\"rms\"`; *mean loss*: "
-            "`loss=\"mean\"` from the same start. v3: DPM-Solver-v3 on the logSNR grid with statistics from "
+            "fit_solver starts from. Learned: `fit_solver` with its defaults (both bases fitted, the better on "
+            "the held-out noises kept; `loss=\"rms\"`); *mean loss*: `loss=\"mean\"` from the base of that "
+            "result. v3: DPM-Solver-v3 on the logSNR grid with statistics from "
             "`compute_ems` (4096 data samples; the authors' CIFAR-10 settings for the NFE). 50 steps: "
             "DPM-Solver++(2M) with 50 logSNR steps, for scale. Calibration: the whole default `fit_solver` call "
-            "(teacher, both grid fits, compilation): wall time, of which the grid fits, and the process's CPU "
+            "(teacher, both grid fits, both fits, compilation): wall time, of which the grid fits, and the process's CPU "
             f"time (all threads). {backend}; wall time of the run {wall:.0f}s.", ""]
         for m in MEASURES:
             lines += [f"### Error: {MEASURE_TITLES[m]}", "",

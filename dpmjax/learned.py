@@ -8,8 +8,8 @@ one row per model evaluation)::
     y = ay[r] x + sum_k cy[r, k] hist[k]       # the next evaluation point (UniPC)
 
 so the coefficients can be fitted like the time steps (:func:`dpmjax.fit_timesteps`, the
-LD3 class). :func:`fit_solver` starts from a *base* solver (by default the better of UniPC-bh2
-and DPM-Solver++(2M), each on a grid from :func:`dpmjax.fit_timesteps`) and fits, by
+LD3 class). :func:`fit_solver` starts from a *base* solver (by default both UniPC-bh2 and
+DPM-Solver++(2M), each on a grid from :func:`dpmjax.fit_timesteps`, keeping the better fit) and fits, by
 gradient descent through the sampler against a teacher (the same model solved with many
 steps from the same noise), in the spirit of S4S (Frankel et al. 2025, arXiv:2502.17423),
 LD3 (Tong et al. 2025, arXiv:2405.15506) and GAS (arXiv:2510.17699):
@@ -344,10 +344,11 @@ def fit_solver(
         out: the parameters kept are the best on them, never worse than the start.
       steps: model evaluations of the solver.
       base: the solver to start from (a multistep or UniPC ODE :class:`dpmjax.Solver` of
-        ``steps`` evaluations). Default: the better, on the held-out noises, of UniPC-bh2
-        and DPM-Solver++(2M) (order ``min(2, steps)``), each on a grid from
-        :func:`dpmjax.fit_timesteps` (``base_iters`` refinement iterations, on the fitting
-        noises).
+        ``steps`` evaluations). Default: UniPC-bh2 and DPM-Solver++(2M) (order
+        ``min(2, steps)``), each on a grid from :func:`dpmjax.fit_timesteps` (``base_iters``
+        refinement iterations, on the fitting noises); both are fitted, and the better on
+        the held-out noises is kept. (The better *start* is not always the better end:
+        UniPC's tables have more coefficients to fit.)
       teacher_steps, teacher_batch: the teacher, DPM-Solver++(3M) with ``teacher_steps``
         logSNR steps from the same noises, computed once in batches of ``teacher_batch``.
       iters, lr, batch_size, eval_every: Adam iterations, learning rate (cosine decay to a
@@ -366,11 +367,13 @@ def fit_solver(
         result then depends on the machine's speed; without it the fit is deterministic
         for a key).
       progress: a progress bar (tqdm).
-      return_info: also return a dict: ``base`` (its name), ``start_loss`` and
-        ``heldout_loss`` (the ``loss`` to the teacher on the held-out noises, of the start
-        and of the result), ``base_losses`` and ``base_solvers`` (of each base tried),
-        ``iterations``, ``history`` (held-out losses), ``seconds``, ``teacher_seconds``,
-        ``base_seconds`` and ``improved``.
+      return_info: also return a dict: ``base`` (the name of the result's base),
+        ``start_loss`` and ``heldout_loss`` (the ``loss`` to the teacher on the held-out
+        noises, of the best start and of the result), ``base_losses``, ``base_solvers`` and
+        ``learned_losses`` (per base: its start's held-out loss, the start, and the held-out
+        loss of its fit), ``iterations`` (all fits), ``history`` (per base: the held-out
+        losses during its fit), ``seconds``, ``teacher_seconds``, ``base_seconds`` (the grid
+        fits) and ``improved``.
 
     Returns:
       A :class:`dpmjax.Solver` with the base's options and layout and fitted tables (the
@@ -436,7 +439,6 @@ def fit_solver(
     cond_fit, cond_val = _take(condition, fit_idx), _take(condition, val_idx)
     unc_fit, unc_val = _take(unconditional_condition, fit_idx), _take(unconditional_condition, val_idx)
     scale_a = jnp.asarray(scale, dtype)
-    bar = _Progress(progress, iters, steps)
 
     # The teacher, once, in batches.
     t_teacher = time.perf_counter()
@@ -461,11 +463,10 @@ def fit_solver(
     _val_solver = jax.jit(lambda s, prm, x, ref, c, u, sc: distance(_run(s, model_fn, prm, x, c, u, sc), ref))
     val_of_solver = lambda s: _val_solver(s, *val_data)  # noqa: E731
 
-    # The base.
+    # The bases.
     t_base = time.perf_counter()
     base_losses, base_solvers = {}, {}
     if base is None:
-        cands = []
         order = min(2, steps)
         for name, kw in DEFAULT_BASES:
             grid = _fit.fit_timesteps(
@@ -475,57 +476,56 @@ def fit_solver(
             s = _solvers.solver(schedule, model_type=model_type, algorithm="dpmsolver++", order=order, steps=steps,
                                 timesteps=grid, **kw)
             base_losses[name], base_solvers[name] = float(val_of_solver(s)), s
-            cands.append((base_losses[name], name, s))
-        finite = [c for c in cands if math.isfinite(c[0])]
-        if not finite:
+        if not any(math.isfinite(v) for v in base_losses.values()):
             raise ValueError("no base solver gives finite samples on the held-out noises")
-        _, base_name, base = min(finite, key=lambda c: c[0])
     else:
-        base_name = f"given ({base.options.method})"
-        base_losses[base_name], base_solvers[base_name] = float(val_of_solver(base)), base
+        name = f"given ({base.options.method})"
+        base_losses[name], base_solvers[name] = float(val_of_solver(base)), base
     base_seconds = time.perf_counter() - t_base
-    start_loss = base_losses[base_name]
+    starts = [(v, k) for k, v in base_losses.items() if math.isfinite(v)]
+    start_loss, start_name = min(starts)
 
-    # The fit.
-    frame = _frame(base, schedule)
-    theta0 = _zero_params(frame)
-
-    def loss_of(theta, prm, x, ref, c, u, sc):
-        s = _solver_of(frame, schedule, theta, fit_times)
-        return distance(_run(s, model_fn, prm, x, c, u, sc, remat=True), ref)
-
+    # The fit, from every base; the best on the held-out noises is kept (never worse than the
+    # best start).
     sched = optax.cosine_decay_schedule(lr, max(iters, 1), alpha=0.1)
     opt = optax.chain(optax.zero_nans(), optax.adam(sched))
+    bar = _Progress(progress, iters * len(starts), steps)
 
-    @jax.jit
-    def chunk(theta, opt_state, it0, length_mask, data):
-        prm, xs, refs, cs, us, sc = data
+    def fit_from(base):
+        frame = _frame(base, schedule)
+        theta0 = _zero_params(frame)
 
-        def body(carry, j):
-            theta, opt_state = carry
-            if batch_size < n_fit:
-                idx = jax.random.choice(jax.random.fold_in(k_batch, it0 + j), n_fit, (batch_size,), replace=False)
-                x, ref, c, u = xs[idx], refs[idx], _take(cs, idx), _take(us, idx)
-            else:
-                x, ref, c, u = xs, refs, cs, us
-            loss, g = jax.value_and_grad(loss_of)(theta, prm, x, ref, c, u, sc)
-            upd, new_state = opt.update(g, opt_state, theta)
-            new_theta = optax.apply_updates(theta, upd)
-            keep = length_mask[j]  # iterations past the end of the run leave everything as it is
-            pick = lambda a, b: jnp.where(keep, a, b)  # noqa: E731
-            return (jax.tree_util.tree_map(pick, new_theta, theta),
-                    jax.tree_util.tree_map(pick, new_state, opt_state)), loss
+        def loss_of(theta, prm, x, ref, c, u, sc):
+            s = _solver_of(frame, schedule, theta, fit_times)
+            return distance(_run(s, model_fn, prm, x, c, u, sc, remat=True), ref)
 
-        (theta, opt_state), losses = jax.lax.scan(body, (theta, opt_state), jnp.arange(eval_every))
-        return theta, opt_state, losses
+        @jax.jit
+        def chunk(theta, opt_state, it0, length_mask, data):
+            prm, xs, refs, cs, us, sc = data
 
-    _val_theta = jax.jit(loss_of)
-    val_of_theta = lambda th: _val_theta(th, *val_data)  # noqa: E731
+            def body(carry, j):
+                theta, opt_state = carry
+                if batch_size < n_fit:
+                    idx = jax.random.choice(jax.random.fold_in(k_batch, it0 + j), n_fit, (batch_size,),
+                                            replace=False)
+                    x, ref, c, u = xs[idx], refs[idx], _take(cs, idx), _take(us, idx)
+                else:
+                    x, ref, c, u = xs, refs, cs, us
+                loss, g = jax.value_and_grad(loss_of)(theta, prm, x, ref, c, u, sc)
+                upd, new_state = opt.update(g, opt_state, theta)
+                new_theta = optax.apply_updates(theta, upd)
+                keep = length_mask[j]  # iterations past the end of the run leave everything as it is
+                pick = lambda a, b: jnp.where(keep, a, b)  # noqa: E731
+                return (jax.tree_util.tree_map(pick, new_theta, theta),
+                        jax.tree_util.tree_map(pick, new_state, opt_state)), loss
 
-    theta, opt_state = theta0, opt.init(theta0)
-    best_loss, best_theta = start_loss, None
-    history, done = [], 0
-    try:
+            (theta, opt_state), losses = jax.lax.scan(body, (theta, opt_state), jnp.arange(eval_every))
+            return theta, opt_state, losses
+
+        _val_theta = jax.jit(loss_of)
+        theta, opt_state = theta0, opt.init(theta0)
+        best_loss, best_theta = math.inf, None
+        history, done = [], 0
         while done < iters:
             if max_time is not None and time.perf_counter() - t_call > max_time:
                 break
@@ -533,25 +533,36 @@ def fit_solver(
             theta, opt_state, losses = chunk(theta, opt_state, jnp.asarray(done), jnp.arange(eval_every) < m,
                                              fit_data)
             done += m
-            v = float(val_of_theta(theta))
+            v = float(_val_theta(theta, *val_data))
             history.append(v)
             if math.isfinite(v) and v < best_loss:
                 best_loss, best_theta = v, theta
-            bar.update(m, float(losses[m - 1]), v, best_loss)
+            bar.update(m, float(losses[m - 1]), v, min(best_loss, start_loss))
+        if best_theta is None:
+            return None, math.inf, done, history
+        cand = jax.block_until_ready(jax.jit(lambda th: _solver_of(frame, schedule, th, fit_times))(best_theta))
+        loss = float(val_of_solver(cand))  # measured as the starts were
+        if not (math.isfinite(loss) and _tables_finite(cand)):
+            return None, math.inf, done, history
+        return cand, loss, done, history
+
+    result, final_loss, result_base = base_solvers[start_name], start_loss, start_name
+    learned_losses, histories, iterations = {}, {}, 0
+    try:
+        for _, name in sorted(starts):
+            cand, loss, done, histories[name] = fit_from(base_solvers[name])
+            iterations += done
+            learned_losses[name] = loss
+            if loss < final_loss:
+                result, final_loss, result_base = cand, loss, name
     finally:
         bar.close()
-    result, final_loss = base, start_loss
-    if best_theta is not None:
-        cand = jax.block_until_ready(jax.jit(lambda th: _solver_of(frame, schedule, th, fit_times))(best_theta))
-        loss = float(val_of_solver(cand))  # measured as the start was: the result is never worse
-        if math.isfinite(loss) and loss < start_loss and _tables_finite(cand):
-            result, final_loss = cand, loss
     if not return_info:
         return result
-    info = dict(base=base_name, base_losses=base_losses, base_solvers=base_solvers, start_loss=start_loss,
-                heldout_loss=final_loss,
-                improved=result is not base, iterations=done, history=history,
-                seconds=time.perf_counter() - t_call, teacher_seconds=teacher_seconds, base_seconds=base_seconds)
+    info = dict(base=result_base, base_losses=base_losses, base_solvers=base_solvers, start_loss=start_loss,
+                heldout_loss=final_loss, learned_losses=learned_losses, improved=result is not base_solvers[start_name],
+                iterations=iterations, history=histories, seconds=time.perf_counter() - t_call,
+                teacher_seconds=teacher_seconds, base_seconds=base_seconds)
     return result, info
 
 

@@ -281,23 +281,38 @@ def _fit_setup(n=96, steps=4, **kw):
     return schedule, gm, base, x
 
 
-def _heldout_error(solver, schedule, gm, x, holdout, steps=400):
+def _heldout_error(solver, schedule, gm, x, holdout, steps=400, loss="rms"):
     xv = x[x.shape[0] - holdout:]
     teacher = dpmjax.solver(schedule, steps=steps, order=3, skip_type="logSNR")
-    ref = learned._run(teacher, gm.model_fn(schedule), gm, xv)
-    return float(learned._rms(learned._run(solver, gm.model_fn(schedule), gm, xv), ref))
+    ref = np.asarray(learned._run(teacher, gm.model_fn(schedule), gm, xv), np.float64)
+    d = np.asarray(learned._run(solver, gm.model_fn(schedule), gm, xv), np.float64) - ref
+    if loss == "rms":
+        return float(np.sqrt(np.mean(d**2)))
+    return float(np.mean(np.sqrt(np.mean(d**2, axis=1))))  # the mean of the per-sample RMS distances
+
+
+def test_mean_distance_is_the_mean_per_sample_distance():
+    x = jnp.asarray([[3.0, 4.0], [1.0, 1.0], [0.0, 0.0]])
+    ref = jnp.asarray([[0.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    want = (np.sqrt(12.5) + 0.0 + np.sqrt(2.0)) / 3  # per-sample RMS over the 2 coordinates
+    np.testing.assert_allclose(float(learned._mean_distance(x, ref)), want, rtol=1e-6)
+    np.testing.assert_allclose(float(learned._rms(x, ref)), np.sqrt((25 + 0 + 4) / 6), rtol=1e-6)
+    # a sample equal to its reference contributes a zero (finite) gradient
+    g = jax.grad(learned._mean_distance)(x, ref)
+    assert np.all(np.isfinite(g)) and np.all(np.asarray(g[1]) == 0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [BASES[0], BASES[2]], ids=["unipc", "multistep"])
-def test_fit_improves_and_is_never_worse_on_heldout(kw):
+@pytest.mark.parametrize("kw,loss", [(BASES[0], "rms"), (BASES[2], "rms"), (BASES[0], "mean")],
+                         ids=["unipc", "multistep", "unipc-mean-loss"])
+def test_fit_improves_and_is_never_worse_on_heldout(kw, loss):
     schedule, gm, base, x = _fit_setup(**kw)
     s, info = dpmjax.fit_solver(gm.model_fn(schedule), gm, None, x.shape, noise=x, schedule=schedule, steps=4,
-                                base=base, iters=60, lr=0.03, return_info=True)
+                                base=base, iters=60, lr=0.03, loss=loss, return_info=True)
     assert info["improved"] and s is not base
     assert s.options == base.options and s.layout == base.layout
-    e_base = _heldout_error(base, schedule, gm, x, 24)
-    e_fit = _heldout_error(s, schedule, gm, x, 24)
+    e_base = _heldout_error(base, schedule, gm, x, 24, loss=loss)
+    e_fit = _heldout_error(s, schedule, gm, x, 24, loss=loss)
     np.testing.assert_allclose(e_base, info["start_loss"], rtol=1e-4)
     np.testing.assert_allclose(e_fit, info["heldout_loss"], rtol=1e-4)
     assert e_fit < e_base
@@ -372,6 +387,7 @@ def test_fit_refuses_bad_input():
         (dict(base=base, condition=jnp.zeros((3, 2))), ValueError, "leading axis"),
         (dict(base=base, guidance_scale=2.0), ValueError, "guidance_scale"),
         (dict(base=base, max_time=0.0), ValueError, "max_time"),
+        (dict(base=base, loss="l1"), ValueError, "loss must be one of 'rms', 'mean'"),
         (dict(base="unipc"), TypeError, "base"),
         (dict(base=dpmjax.solver(dpmjax.VPCosine(), steps=4, method="unipc")), ValueError, "another schedule"),
     ]
@@ -381,16 +397,19 @@ def test_fit_refuses_bad_input():
 
 
 @pytest.mark.slow
-def test_default_base_is_the_better_fitted_grid():
+def test_default_fits_both_bases_and_keeps_the_better():
     schedule = dpmjax.VPLinear()
     gm = _mixture()
     model_fn = gm.model_fn(schedule)
     s, info = dpmjax.fit_solver(model_fn, gm, jax.random.key(0), (256, 2), schedule=schedule, steps=4,
                                 iters=40, base_iters=20, lr=0.03, return_info=True)
-    assert set(info["base_losses"]) == {"UniPC-bh2", "DPM-Solver++(2M)"}
+    assert set(info["base_losses"]) == set(info["learned_losses"]) == {"UniPC-bh2", "DPM-Solver++(2M)"}
     assert info["start_loss"] == min(info["base_losses"].values())
-    assert info["heldout_loss"] <= info["start_loss"]
+    # both bases are fitted; the result is the best of the starts and the fits on the held-out noises
+    assert info["heldout_loss"] == min(info["start_loss"], *info["learned_losses"].values())
+    assert info["heldout_loss"] < info["start_loss"] and info["improved"]
     assert s.options.method == {"UniPC-bh2": "unipc", "DPM-Solver++(2M)": "multistep"}[info["base"]]
+    assert info["iterations"] == 2 * 40 and all(len(h) == 4 for h in info["history"].values())
 
 
 # --------------------------------------------------------------------------- command line
