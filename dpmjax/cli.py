@@ -912,7 +912,7 @@ def _cmd_sample_solver(args) -> int:
         n = args.num or 2000
         x_T = solver.prior_std * jax.random.normal(key, (n,) + ds.shape)
         t0 = time.perf_counter()
-        x = jax.block_until_ready(jax.jit(lambda p, x: learned._run(solver, trainer.model_fn, p, x))(params, x_T))
+        x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, x_T.shape, noise=x_T, solver=solver))
         seconds = time.perf_counter() - t0
         ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
         swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
@@ -933,8 +933,9 @@ def _cmd_sample_solver(args) -> int:
         labels = jnp.full((n,), args.class_, jnp.int32)
     x_T = solver.prior_std * jax.random.normal(key, (n,) + ds.shape)
     t0 = time.perf_counter()
-    x = jax.block_until_ready(jax.jit(lambda p, x, c, u, s: learned._run(solver, trainer.model_fn, p, x, c, u, s))(
-        params, x_T, labels, null, jnp.asarray(scale, x_T.dtype)))
+    x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, x_T.shape, noise=x_T, solver=solver,
+                                            condition=labels,
+                                            guidance=dpmjax.ClassifierFree(unconditional=null, scale=scale)))
     seconds = time.perf_counter() - t0
     if not bool(jnp.all(jnp.isfinite(x))):
         raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")

@@ -88,26 +88,18 @@ DEFAULT_BASES = (
 # --------------------------------------------------------------------------- driver
 
 
-def _call_model(model_fn, params, x, t, condition, uncond, scale):
-    """The network output at ``(x, t)``: unconditional, conditional, or classifier-free
-    guided ``out_u + scale (out_c - out_u)`` (raw outputs: the conversions are affine)."""
-    if condition is None:
-        return model_fn(params, x, t)
-    out = model_fn(params, x, t, condition)
-    if uncond is None:
-        return out
-    out_u = model_fn(params, x, t, uncond)
-    return out_u + scale * (out - out_u)
-
-
 def _run(solver, model_fn, params, x_T, condition=None, uncond=None, scale=1.0, remat=False):
-    """``solver`` driven through its public one-step API in a ``lax.scan``; ``remat``: the
-    per-step body under ``jax.checkpoint`` (memory of the backward pass: one state per step)."""
+    """``solver`` driven through its public one-step API in a ``lax.scan``, the network called
+    through :class:`dpmjax.models.Network` (condition, classifier-free guidance as one batched
+    call) as ``dpmjax.sample`` does; ``remat``: the per-step body under ``jax.checkpoint``
+    (memory of the backward pass: one state per step)."""
+    dtype = solver.plan.ax.dtype
+    net = _models.Network(model_fn, params, condition, "none" if uncond is None else "cfg", uncond,
+                          jnp.asarray(scale, dtype), None, solver.options.model_type, dtype)
 
     def body(state, _):
         x_in, t_in = solver.model_inputs(state)
-        out = _call_model(model_fn, params, x_in, t_in, condition, uncond, scale)
-        return solver.step(state, out), None
+        return solver.step(state, net(x_in, t_in)), None
 
     body = jax.checkpoint(body) if remat else body
     state, _ = jax.lax.scan(body, solver.init(x_T), None, length=solver.num_evals)
