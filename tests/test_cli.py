@@ -591,6 +591,7 @@ def test_compute_ems_checks_out_before_any_work(capsys, moons_run, tmp_path, mon
     assert (tmp_path / "file").read_text() == "x" and os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_compute_ems_replaces_a_set_of_statistics(capsys, moons_run, tmp_path):
     out = tmp_path / "ems"
     argv = ["compute-ems", "--checkpoint", moons_run, "--lambdas", "9", "--samples", "16", "--smooth-dl", "1",

@@ -70,7 +70,7 @@ def test_zero_parameters_are_the_base_exactly(kw):
 
 
 @pytest.mark.parametrize("kw", BASES, ids=lambda kw: "-".join(map(str, kw.values())))
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow)])  # a second draw: the full tier
 def test_any_parameters_solve_a_constant_prediction_exactly(x64, kw, seed):
     """Data prediction constant c (dpmsolver++: model_type x_start) or noise prediction
     constant e (dpmsolver: model_type noise): the exact solution is Q(t) c + P(t) z; every
