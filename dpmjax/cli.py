@@ -394,13 +394,44 @@ def _run_sampler(args, fn, label):
     return x, label.replace("{nfe}", str(nfe))
 
 
+def _write_points(out, ds, x, label, seconds, seed) -> int:
+    """``sample``'s 2-D output: the samples beside fresh data (seed ``seed + 1``), their sliced
+    Wasserstein distance to it in the title and the report line; non-finite samples raise."""
+    import jax
+
+    from .train import plots
+    from .train.metrics import sliced_wasserstein
+
+    ref, _ = ds.sample(jax.random.key(seed + 1), x.shape[0])
+    swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
+    if not math.isfinite(swd):
+        raise RuntimeError(f"samples are not finite ({label})")
+    plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD to the data {swd:.4f}", x)], out,
+                         suptitle="SWD: sliced Wasserstein distance to fresh data samples (lower is better)")
+    print(f"wrote {out}: {x.shape[0]} samples, {label}, {seconds:.2f}s (incl. compile); "
+          f"sliced Wasserstein distance to the data {swd:.4f}")
+    return 0
+
+
+def _write_images(out, x, label, scale, rows, seconds, note="") -> int:
+    """``sample``'s image output: a grid of ``rows`` rows and the report line; non-finite samples raise."""
+    import jax.numpy as jnp
+
+    from .train import plots
+
+    if not bool(jnp.all(jnp.isfinite(x))):
+        raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
+    plots.image_grid(x, out, rows=rows, title=f"{label}, guidance {scale:g}")
+    print(f"wrote {out}: {x.shape[0]} images, {label}, guidance scale {scale:g}{note}, {seconds:.2f}s (incl. compile)")
+    return 0
+
+
 def _cmd_sample(args) -> int:
     import jax
     import jax.numpy as jnp
 
     import dpmjax
     from .train import plots
-    from .train.metrics import sliced_wasserstein
     from .train.trainer import load_trained
 
     if args.solver is not None:
@@ -446,16 +477,7 @@ def _cmd_sample(args) -> int:
         t0 = time.perf_counter()
         x, label = _run_sampler(
             args, lambda **kw: dpmjax.sample(trainer.model_fn, params, key, (n,) + ds.shape, **kwargs, **kw), label)
-        seconds = time.perf_counter() - t0
-        ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
-        swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
-        if not math.isfinite(swd):
-            raise RuntimeError(f"samples are not finite ({label})")
-        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD to the data {swd:.4f}", x)], out,
-                             suptitle="SWD: sliced Wasserstein distance to fresh data samples (lower is better)")
-        print(f"wrote {out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
-              f"sliced Wasserstein distance to the data {swd:.4f}")
-        return 0
+        return _write_points(out, ds, x, label, time.perf_counter() - t0, args.seed)
 
     if args.class_ is not None and args.class_ >= ds.num_classes:
         raise ValueError(f"--class must be in 0..{ds.num_classes - 1}, got {args.class_}")
@@ -473,13 +495,7 @@ def _cmd_sample(args) -> int:
     x, label = _run_sampler(args, lambda **kw: dpmjax.sample(
         trainer.model_fn, params, key, (labels.shape[0],) + ds.shape, condition=labels,
         unconditional_condition=null, guidance_scale=scale, **kwargs, **kw), label)
-    seconds = time.perf_counter() - t0
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
-    plots.image_grid(x, out, rows=rows, title=f"{label}, guidance {scale:g}")
-    print(f"wrote {out}: {labels.shape[0]} images, {label}, guidance scale {scale:g}, "
-          f"{seconds:.2f}s (incl. compile)")
-    return 0
+    return _write_images(out, x, label, scale, rows, time.perf_counter() - t0)
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -885,7 +901,6 @@ def _cmd_sample_solver(args) -> int:
     import dpmjax
     from . import learned
     from .train import plots
-    from .train.metrics import sliced_wasserstein
     from .train.trainer import load_trained
 
     fixed = [f"--{k.replace('_', '-')}" for k in ("algorithm", "method", "order", "ems", "timesteps")
@@ -913,16 +928,7 @@ def _cmd_sample_solver(args) -> int:
         x_T = solver.prior_std * jax.random.normal(key, (n,) + ds.shape)
         t0 = time.perf_counter()
         x = jax.block_until_ready(dpmjax.sample(trainer.model_fn, params, None, x_T.shape, noise=x_T, solver=solver))
-        seconds = time.perf_counter() - t0
-        ref, _ = ds.sample(jax.random.key(args.seed + 1), n)
-        swd = float(sliced_wasserstein(x, ref, jax.random.key(0)))
-        if not math.isfinite(swd):
-            raise RuntimeError(f"samples are not finite ({label})")
-        plots.scatter_panels([(f"data ({ds.name})", ref), (f"{label}\nSWD to the data {swd:.4f}", x)], out,
-                             suptitle="SWD: sliced Wasserstein distance to fresh data samples (lower is better)")
-        print(f"wrote {out}: {n} samples, {label}, {seconds:.2f}s (incl. compile); "
-              f"sliced Wasserstein distance to the data {swd:.4f}")
-        return 0
+        return _write_points(out, ds, x, label, time.perf_counter() - t0, args.seed)
     if args.class_ is not None and args.class_ >= ds.num_classes:
         raise ValueError(f"--class must be in 0..{ds.num_classes - 1}, got {args.class_}")
     fitted_at = meta.get("guidance_scale")
@@ -937,13 +943,9 @@ def _cmd_sample_solver(args) -> int:
                                             condition=labels,
                                             guidance=dpmjax.ClassifierFree(unconditional=null, scale=scale)))
     seconds = time.perf_counter() - t0
-    if not bool(jnp.all(jnp.isfinite(x))):
-        raise RuntimeError(f"samples are not finite ({label}, guidance {scale})")
     rows = ds.num_classes if args.class_ is None else max(1, int(math.sqrt(n)))
-    plots.image_grid(x, out, rows=rows, title=f"{label}, guidance {scale:g}")
     note = "" if fitted_at is None or fitted_at == scale else f" (the solver was fitted at {fitted_at:g})"
-    print(f"wrote {out}: {n} images, {label}, guidance scale {scale:g}{note}, {seconds:.2f}s (incl. compile)")
-    return 0
+    return _write_images(out, x, label, scale, rows, seconds, note)
 
 
 # -- entry point --------------------------------------------------------------------------

@@ -67,7 +67,6 @@ import optax
 
 from . import fit as _fit
 from . import models as _models
-from . import schedules as _schedules
 from . import solvers as _solvers
 from . import updates as _up
 from ._files import write_file
@@ -406,7 +405,6 @@ def fit_solver(
     n_fit = n - holdout
     batch_size = n_fit if batch_size is None else _solvers._integer("batch_size", batch_size, 1, n_fit)
     scale = _check_conditions(n, condition, unconditional_condition, guidance_scale)
-    guided = unconditional_condition is not None
     if base is not None:
         _check_base(base, schedule, model_type)
         if base.num_evals != steps:
