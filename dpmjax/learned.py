@@ -360,11 +360,11 @@ def fit_solver(
       progress: a progress bar (tqdm).
       return_info: also return a dict: ``base`` (the name of the result's base),
         ``start_loss`` and ``heldout_loss`` (the ``loss`` to the teacher on the held-out
-        noises, of the best start and of the result), ``base_losses``, ``base_solvers`` and
-        ``learned_losses`` (per base: its start's held-out loss, the start, and the held-out
-        loss of its fit), ``iterations`` (all fits), ``history`` (per base: the held-out
-        losses during its fit), ``seconds``, ``teacher_seconds``, ``base_seconds`` (the grid
-        fits) and ``improved``.
+        noises, of the best start and of the result), per base ``base_losses`` (its start's
+        held-out loss), ``base_solvers`` (the start) and ``learned_losses`` (the held-out
+        loss of its fit; ``inf`` when the fit gave nothing finite), ``iterations`` (all
+        fits), ``history`` (per base: the held-out losses during its fit), ``seconds``,
+        ``teacher_seconds``, ``base_seconds`` (the grid fits) and ``improved``.
 
     Returns:
       A :class:`dpmjax.Solver` with the base's options and layout and fitted tables (the
