@@ -416,19 +416,29 @@ def test_default_fits_both_bases_and_keeps_the_better():
 
 
 @pytest.mark.slow
-def test_cli_fit_solver_and_sample_with_it(capsys, tmp_path):
+def test_cli_fit_solver_and_sample_with_it(capsys, tmp_path, monkeypatch):
     from dpmjax.cli import main
+
+    seen = {}
+    fit = dpmjax.fit_solver
+
+    def recording_fit(*a, **kw):  # the CLI's options reach fit_solver
+        seen.update(kw)
+        return fit(*a, **kw)
+
+    monkeypatch.setattr(dpmjax, "fit_solver", recording_fit)
 
     run_dir = str(tmp_path / "moons")
     assert main(["train", "--data", "moons", "--steps", "30", "--out", run_dir, "--width", "16", "--depth", "1",
                  "--batch-size", "32", "--no-progress"]) == 0
     out = str(tmp_path / "solver-4.npz")
     code = main(["fit-solver", "--checkpoint", run_dir, "--steps", "4", "--out", out, "--trajectories", "64",
-                 "--iters", "20", "--base-iters", "5", "--teacher-steps", "50", "--no-progress"])
+                 "--iters", "20", "--base-iters", "5", "--teacher-steps", "50", "--loss", "mean", "--no-progress"])
     text = capsys.readouterr().out
     assert code == 0 and "4-NFE solver" in text and os.path.isfile(out)
     meta = learned.load_solver_metadata(out)
     assert meta["sample_shape"] == [2] and meta["schedule"]["type"] == "VPLinear" and meta["steps"] == 4
+    assert seen["loss"] == "mean" and seen["iters"] == 20 and meta["metadata"]["loss"] == "mean"
     png = str(tmp_path / "s.png")
     code = main(["sample", "--checkpoint", run_dir, "--solver", out, "--num", "100", "--out", png])
     text = capsys.readouterr().out
