@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any, Callable, Optional
 
 import jax
@@ -370,6 +371,8 @@ class Network:
             out_u, out_c = jnp.split(out, 2, axis=0)
             return out_u + self.scale * (out_c - out_u)
 
+        if isinstance(self.scale, numbers.Real):  # known when traced: the branch is chosen here
+            return self.raw(x, t, self.condition) if self.scale == 1.0 else guided(None)
         return jax.lax.cond(self.scale == 1.0, lambda _: self.raw(x, t, self.condition), guided, None)
 
 

@@ -121,8 +121,11 @@ def test_consistency_breaks_without_the_constraint(x64):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unroll", [False, True], ids=["scan-checkpoint", "unrolled"])
 @pytest.mark.parametrize("kw", [BASES[0], BASES[2]], ids=["unipc", "multistep"])
-def test_gradient_matches_finite_differences(x64, kw):
+def test_gradient_matches_finite_differences(x64, kw, unroll):
+    """Both ways fit_solver differentiates the sampler (``remat=True``: a scan of
+    checkpointed steps; ``False``: unrolled) against central differences."""
     schedule = dpmjax.VPLinear()
     gm = _mixture()
     model_fn = gm.model_fn(schedule)
@@ -133,7 +136,7 @@ def test_gradient_matches_finite_differences(x64, kw):
 
     def loss(theta):
         s = learned._solver_of(frame, schedule, theta)
-        return learned._rms(learned._run(s, model_fn, gm, x_T, remat=True), ref)
+        return learned._rms(learned._run(s, model_fn, gm, x_T, remat=not unroll, unroll=unroll), ref)
 
     theta = _random_params(frame, jax.random.key(1), scale=0.1)
     g = jax.grad(loss)(theta)
@@ -343,6 +346,40 @@ def test_fit_is_deterministic_for_a_key():
 
 
 @pytest.mark.slow
+def test_fit_is_the_same_with_and_without_remat(x64):
+    """``remat`` changes how the sampler is differentiated, not what: the same held-out
+    losses along the fit and the same tables."""
+    schedule, gm, base, x = _fit_setup()
+    kw = dict(noise=x, schedule=schedule, steps=4, base=base, iters=20, lr=0.03, eval_every=5, return_info=True)
+    a, ia = dpmjax.fit_solver(gm.model_fn(schedule), gm, None, x.shape, remat=True, **kw)
+    b, ib = dpmjax.fit_solver(gm.model_fn(schedule), gm, None, x.shape, remat=False, **kw)
+    assert ia["improved"] and ib["improved"]
+    np.testing.assert_allclose(list(ia["history"].values())[0], list(ib["history"].values())[0], rtol=1e-9)
+    for k, v in _tables(a).items():
+        np.testing.assert_allclose(v, _tables(b)[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_guidance_scale_given_as_a_number_or_an_array_is_the_same(scale):
+    """A Python-number guidance scale picks its branch when traced (no conditional in the
+    program); an array scale goes through ``lax.cond``: the same samples."""
+    schedule = dpmjax.VPLinear()
+    gm = _mixture()
+
+    def model_fn(params, x, t, c):
+        return params.eps(x - schedule.alpha(t)[:, None] * c, schedule.alpha(t), schedule.sigma(t))
+
+    s = dpmjax.solver(schedule, steps=4, **BASES[0])
+    x = jax.random.normal(jax.random.key(5), (16, 2))
+    c = jnp.tile(jnp.array([[0.5, 0.0]]), (16, 1))
+    run = jax.jit(lambda sc: learned._run(s, model_fn, gm, x, c, jnp.zeros_like(c), sc, unroll=True))
+    by_number = jax.jit(lambda: learned._run(s, model_fn, gm, x, c, jnp.zeros_like(c), scale, unroll=True))()
+    np.testing.assert_allclose(by_number, run(jnp.float32(scale)), rtol=1e-6, atol=1e-6)
+    if scale != 1.0:  # and guidance is applied: not the unguided samples
+        assert float(jnp.max(jnp.abs(by_number - learned._run(s, model_fn, gm, x, c)))) > 1e-2
+
+
+@pytest.mark.slow
 def test_fit_with_classifier_free_guidance():
     """A conditional model (the mixture shifted by a per-sample condition) guided at scale 2:
     the teacher is the guided ODE and the fit improves on it."""
@@ -388,6 +425,7 @@ def test_fit_refuses_bad_input():
         (dict(base=base, guidance_scale=2.0), ValueError, "guidance_scale"),
         (dict(base=base, max_time=0.0), ValueError, "max_time"),
         (dict(base=base, loss="l1"), ValueError, "loss must be one of 'rms', 'mean'"),
+        (dict(base=base, remat="yes"), TypeError, "remat"),
         (dict(base="unipc"), TypeError, "base"),
         (dict(base=dpmjax.solver(dpmjax.VPCosine(), steps=4, method="unipc")), ValueError, "another schedule"),
     ]
