@@ -417,7 +417,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--problems", default="0,1,2", help="indices into accuracy.make_problems (default 0,1,2)")
     p.add_argument("--nfes", default=",".join(map(str, NFES)))
-    p.add_argument("--fit", type=int, default=4096, help="calibration noises, a quarter held out (default 4096)")
+    p.add_argument("--fit", type=int, default=1024, help="calibration noises, a quarter held out (default 1024)")
     p.add_argument("--eval", type=int, default=4096, help="fresh evaluation noises (default 4096)")
     p.add_argument("--iters", type=int, default=1000)
     p.add_argument("--base-iters", type=int, default=100)
