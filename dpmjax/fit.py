@@ -40,7 +40,6 @@ argument, fitted for the multistep or UniPC solver named by ``method``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Optional
@@ -152,12 +151,21 @@ def _guidance(kind, classifier_fn, uncond, scale):
     return None
 
 
-def _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale):
+def _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale, unroll=False):
+    """The global error of the grid ``ts`` (network times ``mts``): RMS distance of its
+    samples from ``x_start`` to ``x_ref``. ``unroll``: the sampler as one straight-line
+    program (see :func:`dpmjax.sampler._fixed_program`)."""
     model_fn, classifier_fn = (None if r is None else r() for r in refs)
     method, model_type, kind = static[:3]
-    x = sample(model_fn, params, None, x_start.shape, schedule=schedule, noise=x_start, method=method,
-               grid=FittedGrid(ts, mts), model_type=model_type, condition=condition,
-               guidance=_guidance(kind, classifier_fn, uncond, scale))
+    grid = FittedGrid(ts, mts)
+    if unroll:
+        solver = _solvers.build_solver(schedule, method, grid, model_type=_models.output_type(model_type, kind),
+                                       sample_shape=x_start.shape[1:])
+        x = _sampler._fixed_program(tuple(refs) + (None,), (x_start.shape, model_type, kind, False, None, True),
+                                    solver, params, None, x_start, condition, uncond, scale).x
+    else:
+        x = sample(model_fn, params, None, x_start.shape, schedule=schedule, noise=x_start, method=method, grid=grid,
+                   model_type=model_type, condition=condition, guidance=_guidance(kind, classifier_fn, uncond, scale))
     return jnp.sqrt(jnp.mean((x - x_ref) ** 2))
 
 
@@ -167,44 +175,30 @@ def _start_losses(refs, static, schedule, params, x_start, x_ref, grids, conditi
                                        scale), grids)
 
 
-def _refine(refs, static, schedule, params, x_start, x_ref, u0, tau0, tau1, best0, condition, uncond, scale):
-    """Adam on the global error in one ``lax.scan`` (``zero_nans`` drops non-finite
-    gradients); keeps the parameters with the lowest loss seen (``best0`` is the start's)."""
-    fit_d, iters, lr, progress = static[3:]
-    opt = optax.chain(optax.zero_nans(), optax.adam(lr))
+def _refine_optimizer(lr):
+    return optax.chain(optax.zero_nans(), optax.adam(lr))
+
+
+def _refine_step(refs, static, schedule, params, x_start, x_ref, carry, tau0, tau1, condition, uncond, scale):
+    """One Adam step on the global error from ``carry = (u, opt_state, best_loss, best_u)``
+    (``zero_nans`` drops non-finite gradients). The loss at ``u``, before the update, is
+    returned and compared with the best so far. One step per call, driven from Python:
+    XLA's CPU backend runs a network's convolutions inside a loop body several times more
+    slowly than in straight-line code, and a scan of Adam steps is such a loop."""
+    fit_d, lr, unroll = static[3:]
+    u, opt_state, best_loss, best_u = carry
 
     def loss_of(u):
         ts = _grid_of(schedule, u["u"], tau0, tau1)
         mts = _model_times_of(schedule, ts, u["d"]) if fit_d else None
-        return _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale)
+        return _loss(refs, static, schedule, params, x_start, x_ref, ts, mts, condition, uncond, scale, unroll)
 
-    def body(carry, i):
-        u, opt_state, best_loss, best_u = carry
-        loss, g = jax.value_and_grad(loss_of)(u)  # the loss at u, before the update
-        better = jnp.isfinite(loss) & (loss < best_loss)
-        best_u = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), u, best_u)
-        best_loss = jnp.where(better, loss, best_loss)
-        if progress:
-            jax.debug.callback(_progress_update, i, loss, best_loss)
-        upd, opt_state = opt.update(g, opt_state, u)
-        return (optax.apply_updates(u, upd), opt_state, best_loss, best_u), None
-
-    carry = (u0, opt.init(u0), best0, u0)
-    (u, _, best_loss, best_u), _ = jax.lax.scan(body, carry, jnp.arange(iters))
-    final = loss_of(u)  # the last update's result (forward only)
-    better = jnp.isfinite(final) & (final < best_loss)
+    loss, g = jax.value_and_grad(loss_of)(u)
+    better = jnp.isfinite(loss) & (loss < best_loss)
     best_u = jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b), u, best_u)
-    return best_u, jnp.where(better, final, best_loss)
-
-
-_PROGRESS = []  # the active tqdm bar of a fit (host side)
-
-
-def _progress_update(i, loss, best):
-    if _PROGRESS:
-        bar = _PROGRESS[-1]
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{float(best):.4g}", refresh=False)
+    best_loss = jnp.where(better, loss, best_loss)
+    upd, opt_state = _refine_optimizer(lr).update(g, opt_state, u)
+    return (optax.apply_updates(u, upd), opt_state, best_loss, best_u), loss
 
 
 def _model_outputs(refs, static, schedule, params, xs, tau, condition, uncond, scale):
@@ -276,9 +270,10 @@ def fit_timesteps(
         ``False`` only the solver's grid is fitted.
       progress: show a progress bar of the refinement (tqdm).
 
-    The refinement is one compiled ``lax.scan`` of Adam steps, compiled once per
-    configuration (model function, solver options, ``steps``, ``refine_iters``) and reused
-    by later calls while the model function lives.
+    The refinement's Adam step is compiled once per configuration (model function, solver
+    options, ``steps``, ``refine_lr``) and reused by later calls while the model function
+    lives; on CPU it differentiates the sampler unrolled, which XLA runs several times
+    faster there than a loop.
 
     Returns:
       A :class:`dpmjax.FittedGrid`: ``timesteps``, a strictly decreasing array of
@@ -375,21 +370,26 @@ def fit_timesteps(
     g0 = grids[best]
     u0 = {"u": jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6)),
           "d": jnp.zeros((steps,), dtype)}
+    # On CPU the sampler is unrolled (see _refine_step); elsewhere it stays a scan.
+    step = _cache.compiled(_refine_step, refs,
+                           static + (model_times, refine_lr, jax.default_backend() == "cpu"))
+    carry = (u0, _refine_optimizer(refine_lr).init(u0), jnp.asarray(losses[best], dtype), u0)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=refine_iters, desc=f"fitting a {steps}-step grid", leave=False)
-        _PROGRESS.append(bar)
     try:
-        refine = _cache.compiled(_refine, refs, static + (model_times, refine_iters, refine_lr, bool(progress)))
-        best_u, best_loss = refine(schedule, params, x_start, x_ref, u0, tau[0], tau[-1],
-                                   jnp.asarray(losses[best], dtype), condition, uncond, scale)
-        best_loss = float(best_loss)
+        for i in range(refine_iters + 1):  # the last call only measures the last update's result
+            new, loss = step(schedule, params, x_start, x_ref, carry, tau[0], tau[-1], condition, uncond, scale)
+            carry = new if i < refine_iters else carry[:2] + new[2:]
+            if bar is not None and i < refine_iters:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.4g}", best=f"{float(carry[2]):.4g}", refresh=False)
     finally:
         if bar is not None:
-            _PROGRESS.remove(bar)
             bar.close()
+    best_loss, best_u = float(carry[2]), carry[3]
     if best_loss < losses[best]:
         ts = _grid_of(schedule, best_u["u"], tau[0], tau[-1])
         grid = FittedGrid(ts, _model_times_of(schedule, ts, best_u["d"]) if model_times else None)

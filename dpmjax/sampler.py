@@ -23,7 +23,6 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import _cache
 from . import adaptive as _adaptive
@@ -126,14 +125,17 @@ def _initial(shape, stochastic, prior_std, key, noise, sharding):
 
 def _fixed_program(refs, static, solver, params, key, noise, condition, uncond, scale):
     """The fixed-step program: ``init``, a ``lax.scan`` of the network call and the
-    solver's ``step``, ``result``."""
+    solver's ``step``, ``result``. With ``unroll`` (the fitting programs on CPU; no saved
+    states) the steps are one straight-line program and classifier-free guidance is always
+    the batched guided call: XLA's CPU backend runs a network's convolutions inside a loop
+    body or a conditional several times more slowly."""
     model_fn, classifier_fn, correcting_xt_fn = (None if r is None else r() for r in refs)
-    shape, model_type, kind, save_states, sharding = static
+    shape, model_type, kind, save_states, sharding, unroll = static
     plan, layout = solver.plan, solver.layout
     dtype = plan.ax.dtype
     x_T, key_steps = _initial(shape, solver.options.stochastic, solver.prior_std, key, noise, sharding)
     net = _models.Network(model_fn, params, condition, kind, uncond, jnp.asarray(scale, dtype), classifier_fn,
-                          model_type, dtype)
+                          model_type, dtype, guided_always=unroll)
 
     def body(state, _):
         i = state.i
@@ -145,7 +147,12 @@ def _fixed_program(refs, static, solver, params, key, noise, condition, uncond, 
             saved = (state.x / plan.x_scale[i], None if state.y is None else state.y / plan.y_scale[i])
         return state, saved
 
-    state, saved = jax.lax.scan(body, solver.init(x_T, key=key_steps), None, length=solver.num_evals)
+    if unroll:
+        state = solver.init(x_T, key=key_steps)
+        for _ in range(solver.num_evals):
+            state, _ = body(state, None)
+    else:
+        state, saved = jax.lax.scan(body, solver.init(x_T, key=key_steps), None, length=solver.num_evals)
     states = None
     if save_states:
         picks = sorted([(k, 0, r) for r, k in enumerate(layout.x_step) if k > 0]
@@ -259,7 +266,7 @@ def _prepare(model_fn, key, shape, solver, schedule, method, grid, model_type, t
                                        thresholding=thresholding, denoise_to_zero=denoise_to_zero,
                                        sample_shape=shape[1:])
     _check_draw(shape, key, noise, solver.options.stochastic, solver.options.algorithm)
-    static = (shape, model_type, kind, save_states, sharding)
+    static = (shape, model_type, kind, save_states, sharding, False)
     fn = _cache.compiled(_fixed_program, (model_fn, classifier_fn, correcting_xt_fn), static)
     return fn, (solver, None if noise is not None and not solver.options.stochastic else key, noise, condition,
                 uncond, scale)
@@ -470,7 +477,7 @@ def invert(
     method, grid, thresholding = _methods.resolve(method, grid, thresholding, **keywords)
     solver = _solvers.build_solver(schedule, method, grid, model_type=_models.output_type(model_type, kind),
                                    thresholding=thresholding, direction="increasing")
-    static = (shape, model_type, kind, legacy[0], None)
+    static = (shape, model_type, kind, legacy[0], None, False)
     fn = _cache.compiled(_fixed_program, (model_fn, classifier_fn, correcting_xt_fn), static)
     out = fn(solver, params, None, x0, condition, uncond, scale)
     parts = (out.x,) + ((out.states,) if legacy[0] else ()) + ((out.stats,) if legacy[1] else ())
