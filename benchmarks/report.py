@@ -22,12 +22,22 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _measured_root() -> str:
+    """The checkout whose ``dpmjax`` this process imported (another commit's, when
+    ``PYTHONPATH`` points there), else this repository."""
+    module = sys.modules.get("dpmjax")
+    path = getattr(module, "__file__", None)
+    return os.path.dirname(os.path.dirname(os.path.abspath(path))) if path else ROOT
+
+
 def git_commit() -> str:
-    """``git rev-parse HEAD`` of the repository, with a note if the tree has uncommitted changes."""
+    """``git rev-parse HEAD`` of the checkout whose ``dpmjax`` was measured, with a note if
+    its tree has uncommitted changes."""
+    root = _measured_root()
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
@@ -35,7 +45,8 @@ def git_commit() -> str:
 
 
 #: environment variables that change what a run measures, as they were when the script started
-_ENV = {k: os.environ[k] for k in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "CUDA_VISIBLE_DEVICES")
+_ENV = {k: os.environ[k]
+        for k in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "CUDA_VISIBLE_DEVICES")
         if os.environ.get(k)}
 
 
