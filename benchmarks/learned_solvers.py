@@ -156,6 +156,10 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
                 f"{r['learned'][m]:.2e} (mean loss {r['learned_mean_loss'][m]:.2e})" for m in MEASURES)
                 + f"; calibration {seconds:.1f}s (grids {info['base_seconds']:.1f}s), CPU {cpu:.1f}s", flush=True)
             report(rows)
+            # The three model functions live for the whole run, and with them every program
+            # compiled for them; XLA's CPU executables each take many memory maps, and 18
+            # cases' worth exceeded the kernel's limit (65530) in the last case.
+            jax.clear_caches()
     return rows
 
 
