@@ -372,7 +372,7 @@ def fit_timesteps(
           "d": jnp.zeros((steps,), dtype)}
     # On CPU the sampler is unrolled (see _refine_step); elsewhere it stays a scan.
     step = _cache.compiled(_refine_step, refs,
-                           static + (model_times, refine_lr, jax.default_backend() == "cpu"))
+                           static + (model_times, refine_lr, _solvers.unroll_fits()))
     carry = (u0, _refine_optimizer(refine_lr).init(u0), jnp.asarray(losses[best], dtype), u0)
     bar = None
     if progress:

@@ -417,7 +417,7 @@ def fit_solver(
     lr = _positive("lr", lr)
     max_time = _positive("max_time", max_time, allow_none=True)
     fit_times = _solvers._boolean("fit_times", fit_times)
-    remat = jax.default_backend() != "cpu" if remat is None else _solvers._boolean("remat", remat)
+    remat = not _solvers.unroll_fits() if remat is None else _solvers._boolean("remat", remat)
     distance = LOSSES[_solvers._choice("loss", loss, tuple(LOSSES))]
     n_fit = n - holdout
     batch_size = n_fit if batch_size is None else _solvers._integer("batch_size", batch_size, 1, n_fit)

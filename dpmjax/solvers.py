@@ -81,6 +81,13 @@ def compute_dtype():
     return np.dtype(np.float64) if jax.config.jax_enable_x64 else np.dtype(np.float32)
 
 
+def unroll_fits() -> bool:
+    """Whether the fitting programs differentiate the sampler unrolled: on the CPU backend,
+    where XLA runs a network's convolutions inside a loop body, a conditional or a
+    checkpointed block several times more slowly than in straight-line code."""
+    return jax.default_backend() == "cpu"
+
+
 def _as_compute_dtype(values, dtype):
     """``values`` rounded to ``dtype``, the dtype the solver computes in (times distinct in
     float64 may coincide there)."""
