@@ -840,7 +840,9 @@ def _add_fit_solver_parser(sub) -> None:
                           "RMS distances (dpmjax.fit_solver's loss)")
     fit.add_argument("--base-iters", type=_nonnegative_int, default=100,
                      help="refinement iterations of the starting grids (fit_timesteps)")
-    fit.add_argument("--teacher-steps", type=_positive_int, default=400, help="steps of the teacher solve")
+    fit.add_argument("--teacher-steps", type=_positive_int, default=400,
+                     help="steps of the teacher solve (the base grids are fitted on its states at a divisor of it, "
+                          "up to 40)")
     fit.add_argument("--max-time", type=_positive_float, default=None, help="stop the iterations after this many "
                      "seconds (the result then depends on the machine's speed; default: no limit)")
     fit.add_argument("--guidance-scale", type=_finite_float, default=None,

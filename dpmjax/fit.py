@@ -65,6 +65,9 @@ FittedGrid = _ts.FittedGrid
 
 _grid = jax.jit(_ts.time_grid, static_argnums=(1, 4))  # compiled once per (skip type, steps)
 
+#: the default learning rate of the refinement (fit_timesteps, and fit_solver's base grids)
+REFINE_LR = 0.05
+
 
 def _one_step_errors(G, la, ls, order, *, predict_data, solver_type):
     """RMS one-step errors of the order-``order`` multistep update between candidates
@@ -237,7 +240,7 @@ def fit_timesteps(
     n_candidates: int = 40,
     fine_steps: Optional[int] = None,
     refine_iters: int = 200,
-    refine_lr: float = 0.05,
+    refine_lr: float = REFINE_LR,
     model_times: bool = True,
     return_info: bool = False,
     progress: bool = False,
@@ -322,20 +325,32 @@ def fit_timesteps(
     _solvers.build_solver(schedule, method, _ts.Grid(steps=steps, skip_type="logSNR", t_start=t_start, t_end=t_end),
                           model_type=_models.output_type(model_type, kind))
     ts0, ts1 = _solvers.resolve_times(schedule, t_start, t_end)
-    classifier_fn = guidance.classifier_fn if kind == "classifier" else None
-    refs = (model_fn, classifier_fn)
-
     # 1. Reference trajectories on a fine logSNR grid containing the candidates.
     states = solve(model_fn, params, key, shape, schedule=schedule, model_type=model_type, noise=noise,
                    condition=condition, guidance=guidance, method=_methods.DPMSolverPP(order=3),
                    grid=_ts.Grid(steps=fine, skip_type="logSNR", t_start=ts0, t_end=ts1), save_states=True).states
     if not bool(jnp.all(jnp.isfinite(states))):
         raise ValueError("the reference trajectories are not finite: model_fn returns NaN or inf on these inputs")
+    grid, info = _fit_on_trajectories(model_fn, params, states[:: fine // n], ts0, ts1, schedule=schedule,
+                                      steps=steps, method=method, model_type=model_type, condition=condition,
+                                      guidance=guidance, kind=kind, refine_iters=refine_iters, refine_lr=refine_lr,
+                                      model_times=model_times, progress=progress)
+    return (grid, info) if return_info else grid
+
+
+def _fit_on_trajectories(model_fn, params, states, t0, t1, *, schedule, steps, method, model_type, condition,
+                         guidance, kind, refine_iters, refine_lr, model_times, progress):
+    """Steps 2-5 of the module docstring, from reference trajectories: ``states`` (user
+    scale, shape ``(n + 1, n_trajectories, ...)``) on the logSNR grid of ``n`` intervals from
+    ``t0`` to ``t1``. Returns ``(grid, info)``. :func:`dpmjax.fit_solver` passes its
+    teacher's trajectories, so that its teacher is solved once for all of its fits."""
+    classifier_fn = guidance.classifier_fn if kind == "classifier" else None
+    refs = (model_fn, classifier_fn)
+    n = states.shape[0] - 1
     dtype = states.dtype
-    tau = _grid(schedule, "logSNR", jnp.asarray(ts0, dtype), jnp.asarray(ts1, dtype), n)
-    xs = states[:: fine // n]
+    tau = _grid(schedule, "logSNR", jnp.asarray(t0, dtype), jnp.asarray(t1, dtype), n)
     scale_t = jnp.asarray(schedule.state_scale(tau), dtype)
-    xs_solver = xs * scale_t.reshape(scale_t.shape + (1,) * (xs.ndim - scale_t.ndim))  # user -> solver scale
+    xs_solver = states * scale_t.reshape(scale_t.shape + (1,) * (states.ndim - scale_t.ndim))  # user -> solver scale
     uncond = guidance.unconditional if kind == "cfg" else None
     scale = jnp.asarray(1.0 if guidance is None else guidance.scale, dtype)
     ms = _cache.compiled(_model_outputs, refs, (model_type, kind, method.predict_data))(
@@ -364,8 +379,7 @@ def fit_timesteps(
     start_losses = dict(zip(names, losses.tolist()))
     if refine_iters == 0:  # the dynamic program's grid, with the global errors measured
         info.update(start_losses=start_losses, start="dp", fit_loss=float(losses[0]))
-        grid = FittedGrid(dp_grid, None)
-        return (grid, info) if return_info else grid
+        return FittedGrid(dp_grid, None), info
     best = int(np.nanargmin(np.where(np.isfinite(losses), losses, np.nan))) if np.isfinite(losses).any() else 0
     g0 = grids[best]
     u0 = {"u": jnp.log(jnp.maximum(jnp.diff(schedule.lambda_(g0)), 1e-6)),
@@ -396,7 +410,7 @@ def fit_timesteps(
     else:
         grid = FittedGrid(g0, None)
     info.update(start_losses=start_losses, start=names[best], fit_loss=min(best_loss, float(losses[best])))
-    return (grid, info) if return_info else grid
+    return grid, info
 
 
 def _gram_matrix(X, M):

@@ -66,8 +66,11 @@ import numpy as np
 import optax
 
 from . import fit as _fit
+from . import methods as _methods
 from . import models as _models
+from . import sampler as _sampler
 from . import solvers as _solvers
+from . import timesteps as _ts
 from . import updates as _up
 from ._files import write_file
 from .schedules import NoiseSchedule
@@ -351,6 +354,9 @@ def fit_solver(
         UniPC's tables have more coefficients to fit.)
       teacher_steps, teacher_batch: the teacher, DPM-Solver++(3M) with ``teacher_steps``
         logSNR steps from the same noises, computed once in batches of ``teacher_batch``.
+        The default bases' grids are fitted on its trajectories (its states at every
+        ``teacher_steps / c``-th step, where ``c``, the candidate times of the grid fit, is
+        the largest divisor of ``teacher_steps`` up to 40; at least ``steps``).
       iters, lr, batch_size, eval_every: Adam iterations, learning rate (cosine decay to a
         tenth), minibatch of the fitting noises (default: all of them) and the interval
         of the held-out evaluations.
@@ -431,6 +437,13 @@ def fit_solver(
         t0, t1 = float(base.plan.t_eval[0]), float(_end_time(base))
     else:
         t0, t1 = _solvers.resolve_times(schedule, t_start, t_end)
+    candidates = None
+    if base is None:  # the grid fits read the teacher's trajectory at `candidates` times
+        candidates = max(c for c in range(1, min(40, teacher_steps) + 1) if teacher_steps % c == 0)
+        if candidates < max(steps, 2):
+            raise ValueError(f"teacher_steps = {teacher_steps} has no divisor from steps = {steps} to 40 (the default "
+                             "bases' grids are fitted at a divisor of the teacher's steps); choose e.g. 400")
+
     dtype = _solvers.compute_dtype()
 
     # Starting noises, split into fitting and held-out ones.
@@ -447,18 +460,23 @@ def fit_solver(
     unc_fit, unc_val = _take(unconditional_condition, fit_idx), _take(unconditional_condition, val_idx)
     scale_a = jnp.asarray(scale, dtype)
 
-    # The teacher, once, in batches.
+    # The teacher, once, in batches; with the default bases also its trajectories on the
+    # fitting noises, at the candidate times of the grid fits.
     t_teacher = time.perf_counter()
-    opts_t = {} if base is None or base.options.thresholding is None else dict(
-        thresholding=base.options.thresholding)
-    teacher = _solvers.solver(schedule, model_type=model_type, algorithm="dpmsolver++", method="multistep", order=3,
-                              steps=teacher_steps, skip_type="logSNR", t_start=t0, t_end=t1, **opts_t)
-    run_teacher = jax.jit(lambda prm, x, c, u, sc: _run(teacher, model_fn, prm, x, c, u, sc))
-    refs = []
+    teacher_method = _methods.DPMSolverPP(order=3)
+    teacher_grid = _ts.Grid(steps=teacher_steps, skip_type="logSNR", t_start=t0, t_end=t1)
+    thresholding = None if base is None else base.options.thresholding
+    refs, trajectories = [], []
     for a in range(0, n, teacher_batch):
         idx = np.arange(a, min(n, a + teacher_batch))
-        refs.append(run_teacher(params, x_T[idx], _take(condition, idx), _take(unconditional_condition, idx),
-                                scale_a))
+        c, u = _take(condition, idx), _take(unconditional_condition, idx)
+        sol = _sampler.solve(model_fn, params, None, (len(idx),) + shape[1:], schedule=schedule, model_type=model_type,
+                             method=teacher_method, grid=teacher_grid, thresholding=thresholding, noise=x_T[idx],
+                             condition=c, guidance=None if u is None else _models.ClassifierFree(u, scale_a),
+                             save_states=candidates is not None)
+        refs.append(sol.x)
+        if candidates is not None:
+            trajectories.append(sol.states[:: teacher_steps // candidates, : max(0, min(len(idx), n_fit - a))])
     x_ref = jnp.concatenate(refs, 0)
     if not bool(jnp.all(jnp.isfinite(x_ref))):
         raise ValueError("the teacher's samples are not finite: model_fn returns NaN or inf on these inputs")
@@ -470,16 +488,22 @@ def fit_solver(
     _val_solver = jax.jit(lambda s, prm, x, ref, c, u: distance(_run(s, model_fn, prm, x, c, u, scale), ref))
     val_of_solver = lambda s: _val_solver(s, *val_data)  # noqa: E731
 
-    # The bases.
+    # The bases: their grids fitted on the teacher's trajectories.
     t_base = time.perf_counter()
     base_losses, base_solvers = {}, {}
     if base is None:
         order = min(2, steps)
+        states = jnp.concatenate(trajectories, 1)
+        if not bool(jnp.all(jnp.isfinite(states))):
+            raise ValueError("the teacher's trajectories are not finite: model_fn returns NaN or inf on these inputs")
+        guidance = None if unc_fit is None else _models.ClassifierFree(unc_fit, scale)
+        kind = _models.check_guidance(n_fit, cond_fit, guidance)
         for name, kw in DEFAULT_BASES:
-            grid = _fit.fit_timesteps(
-                model_fn, params, None, xf.shape, noise=xf, schedule=schedule, steps=steps, model_type=model_type,
-                algorithm="dpmsolver++", order=order, t_start=t0, t_end=t1, condition=cond_fit,
-                unconditional_condition=unc_fit, guidance_scale=scale, refine_iters=base_iters, **kw)
+            method = _methods.from_keywords(algorithm="dpmsolver++", order=order, **kw)[0]
+            grid, _ = _fit._fit_on_trajectories(
+                model_fn, params, states, t0, t1, schedule=schedule, steps=steps, method=method,
+                model_type=model_type, condition=cond_fit, guidance=guidance, kind=kind, refine_iters=base_iters,
+                refine_lr=_fit.REFINE_LR, model_times=True, progress=False)
             s = _solvers.solver(schedule, model_type=model_type, algorithm="dpmsolver++", order=order, steps=steps,
                                 timesteps=grid, **kw)
             base_losses[name], base_solvers[name] = float(val_of_solver(s)), s

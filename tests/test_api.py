@@ -141,13 +141,15 @@ def _closure_model(i, mb=8):
 
 @pytest.mark.slow
 def test_model_functions_are_released_after_their_calls():
-    """20 closures, each capturing a large array, are all garbage after their ``sample``,
-    ``fit_timesteps`` and ``compute_ems`` calls (nothing module-level holds them)."""
+    """10 closures, each capturing a large array, are all garbage after their ``sample``,
+    ``fit_timesteps``, ``compute_ems`` and ``fit_solver`` calls (nothing module-level holds
+    them; a cache of any size that held them strongly would keep at least the last ones)."""
     schedule = dpmjax.VPLinear()
+    base = dpmjax.solver(schedule, steps=3, method="unipc")
     refs = []
-    for i in range(20):
+    for i in range(10):
         model_fn, gm = _closure_model(i)
-        which = i % 4
+        which = i % 5
         if which == 0:
             dpmjax.sample(model_fn, gm, jax.random.key(i), (8, 2), schedule=schedule, grid=dpmjax.Grid(steps=3))
         elif which == 1:
@@ -156,9 +158,12 @@ def test_model_functions_are_released_after_their_calls():
         elif which == 2:
             dpmjax.fit_timesteps(model_fn, gm, jax.random.key(i), (8, 2), schedule=schedule, steps=3,
                                  n_candidates=6, fine_steps=12, refine_iters=2)
-        else:
+        elif which == 3:
             dpmjax.compute_ems(model_fn, gm, jax.random.key(i), (2,), schedule=schedule,
                                data=jnp.zeros((4, 2)) + MEANS[0], n_lambdas=5, smooth_dl=0, lambdas_per_call=5)
+        else:
+            dpmjax.fit_solver(model_fn, gm, jax.random.key(i), (8, 2), schedule=schedule, steps=3, base=base,
+                              iters=2, teacher_steps=12)
         refs.append(weakref.ref(model_fn))
         del model_fn, gm
     gc.collect()

@@ -427,6 +427,7 @@ def test_fit_refuses_bad_input():
         (dict(base=base, loss="l1"), ValueError, "loss must be one of 'rms', 'mean'"),
         (dict(base=base, remat="yes"), TypeError, "remat"),
         (dict(base="unipc"), TypeError, "base"),
+        (dict(teacher_steps=401), ValueError, "teacher_steps = 401 has no divisor from steps = 4 to 40"),
         (dict(base=dpmjax.solver(dpmjax.VPCosine(), steps=4, method="unipc")), ValueError, "another schedule"),
     ]
     for extra, err, msg in bad:
@@ -439,8 +440,9 @@ def test_default_fits_both_bases_and_keeps_the_better():
     schedule = dpmjax.VPLinear()
     gm = _mixture()
     model_fn = gm.model_fn(schedule)
-    s, info = dpmjax.fit_solver(model_fn, gm, jax.random.key(0), (256, 2), schedule=schedule, steps=4,
-                                iters=40, base_iters=20, lr=0.03, return_info=True)
+    x = jax.random.normal(jax.random.key(0), (256, 2))
+    s, info = dpmjax.fit_solver(model_fn, gm, None, x.shape, noise=x, schedule=schedule, steps=4, iters=40,
+                                base_iters=20, lr=0.03, teacher_steps=200, return_info=True)
     assert set(info["base_losses"]) == set(info["learned_losses"]) == {"UniPC-bh2", "DPM-Solver++(2M)"}
     assert info["start_loss"] == min(info["base_losses"].values())
     # both bases are fitted; the result is the best of the starts and the fits on the held-out noises
@@ -448,6 +450,14 @@ def test_default_fits_both_bases_and_keeps_the_better():
     assert info["heldout_loss"] < info["start_loss"] and info["improved"]
     assert s.options.method == {"UniPC-bh2": "unipc", "DPM-Solver++(2M)": "multistep"}[info["base"]]
     assert info["iterations"] == 2 * 40 and all(len(h) == 4 for h in info["history"].values())
+    # each base's grid is fit_timesteps' on the fitting noises, with the teacher as its reference
+    # (200 steps; candidates: 40, the largest divisor of 200 up to 40)
+    for name, kw in learned.DEFAULT_BASES:
+        grid = dpmjax.fit_timesteps(model_fn, gm, None, (192, 2), noise=x[:192], schedule=schedule, steps=4,
+                                    order=2, n_candidates=40, fine_steps=200, refine_iters=20, **kw)
+        base = info["base_solvers"][name]
+        np.testing.assert_allclose(base.plan.t_eval, grid.timesteps[:-1], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(base.plan.t_model, grid.model_timesteps, rtol=1e-5, err_msg=name)
 
 
 # --------------------------------------------------------------------------- command line
