@@ -17,7 +17,7 @@ from typing import Callable
 
 import jax
 
-__all__ = ["table_of", "compiled"]
+__all__ = ["table_of", "compiled", "committed_like"]
 
 #: id(owner) -> (weak reference to the owner, its table)
 _TABLES: dict = {}
@@ -83,3 +83,19 @@ def compiled(body: Callable, fns: tuple, static, **jit_kwargs):
     if fn is None:
         fn = table[key] = jax.jit(functools.partial(body, refs, static), **jit_kwargs)
     return fn
+
+
+def committed_like(tree, inputs):
+    """``tree`` committed to the one device that holds the arrays of ``inputs`` (unchanged
+    when they span several devices).
+
+    A loop that feeds a compiled program's outputs back as its inputs (an optimiser's state)
+    should start from arrays placed as those outputs are: ``jax.jit`` commits its outputs to
+    the device of its committed inputs (a model's parameters read from a checkpoint are
+    committed), and whether an argument is committed is part of the key of its compiled
+    program. A freshly made start (``jnp.zeros``, ``optax``'s ``init``) is not committed,
+    so without this the program compiles twice: for the start and for every later step."""
+    devices = {d for a in jax.tree_util.tree_leaves(inputs) if isinstance(a, jax.Array) for d in a.sharding.device_set}
+    if len(devices) != 1:
+        return tree
+    return jax.device_put(tree, jax.sharding.SingleDeviceSharding(devices.pop()))

@@ -387,7 +387,8 @@ def _fit_on_trajectories(model_fn, params, states, t0, t1, *, schedule, steps, m
     # On CPU the sampler is unrolled (see _refine_step); elsewhere it stays a scan.
     step = _cache.compiled(_refine_step, refs,
                            static + (model_times, refine_lr, _solvers.unroll_fits()))
-    carry = (u0, _refine_optimizer(refine_lr).init(u0), jnp.asarray(losses[best], dtype), u0)
+    carry = _cache.committed_like((u0, _refine_optimizer(refine_lr).init(u0), jnp.asarray(losses[best], dtype), u0),
+                                  (params, x_start))
     bar = None
     if progress:
         from tqdm.auto import tqdm

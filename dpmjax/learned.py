@@ -65,6 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import _cache
 from . import fit as _fit
 from . import methods as _methods
 from . import models as _models
@@ -541,7 +542,7 @@ def fit_solver(
             return optax.apply_updates(theta, upd), opt_state, loss
 
         solver_of = jax.jit(lambda th: _solver_of(frame, schedule, th, fit_times))
-        theta, opt_state = theta0, opt.init(theta0)
+        theta, opt_state = _cache.committed_like((theta0, opt.init(theta0)), fit_data)
         best_loss, best_theta = math.inf, None
         history, done = [], 0
         while done < iters:

@@ -268,3 +268,21 @@ def test_fit_timesteps_with_classifier_guidance_equals_the_hand_written_guided_m
     np.testing.assert_allclose(np.asarray(grid.timesteps), np.asarray(ref.timesteps), rtol=1e-4, atol=1e-6)
     unguided = dpmjax.fit_timesteps(base, gm, jax.random.key(2), (32, 2), **kw)
     assert not np.allclose(np.asarray(unguided.timesteps), np.asarray(grid.timesteps), rtol=1e-3)
+
+
+def test_fitting_loops_compile_their_step_once_with_committed_parameters():
+    """Parameters read from a checkpoint are committed to a device, so every program's
+    outputs are; the optimiser loops start from arrays placed the same way, so their step
+    program compiles once, not once for the start and again for every later step."""
+    schedule = dpmjax.VPLinear()
+    gm = jax.device_put(dpmjax.GaussianMixture.isotropic(MEANS, 0.3), jax.devices()[0])
+    model_fn = gm.model_fn(schedule)
+    msgs = compiled_during(lambda: dpmjax.fit_timesteps(
+        model_fn, gm, jax.random.key(0), (16, 2), schedule=schedule, steps=3, n_candidates=6, fine_steps=12,
+        refine_iters=3).timesteps)
+    assert sum("jit(_refine_step)" in m for m in msgs) == 1
+    base = dpmjax.solver(schedule, steps=3, method="unipc")
+    msgs = compiled_during(lambda: dpmjax.fit_solver(
+        model_fn, gm, jax.random.key(0), (16, 2), schedule=schedule, steps=3, base=base, iters=3,
+        teacher_steps=12).plan.ax)
+    assert sum("jit(update)" in m for m in msgs) == 1
