@@ -24,9 +24,10 @@ noise predictor, VPLinear schedule) and each NFE:
    scale, with 50 steps of DPM-Solver++(2M).
 
 With ``--digits RUN_DIR``: the class-conditional UNet of ``dpmjax train --data digits``
-instead, guided at the first of ``--scales``; the same errors, plus the Frechet distance
-in the features of a small digits classifier and the sliced Wasserstein distance against
-the 500-step samples, and the solver fitted at one guidance scale sampled at the others.
+instead, guided at the first of ``--scales``; the same errors (DPM-Solver-v3 with
+statistics of the guided model on training digits), plus the Frechet distance in the
+features of a small digits classifier and the sliced Wasserstein distance against the
+500-step samples, and the solver fitted at one guidance scale sampled at the others.
 
 Results go to ``results/learned_solvers.md``, ``.json`` and ``.png`` (``_digits`` for the UNet).
 
@@ -56,6 +57,8 @@ from report import header, provenance  # noqa: E402
 NFES = (3, 4, 5, 6, 8, 10)
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 FIXED = [("UniPC-bh2", dict(method="unipc", variant="bh2")), ("DPM-Solver++(2M)", dict(method="multistep"))]
+#: digits: DPM-Solver-v3's statistics from this many training digits at this many lambdas
+EMS_SAMPLES, EMS_LAMBDAS = 512, 201
 
 
 def distances(x, ref):
@@ -230,6 +233,7 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
     from dpmjax import learned
     from dpmjax.train.metrics import sliced_wasserstein
     from dpmjax.train.trainer import load_trained
+    from v3_accuracy import v3_settings
 
     trainer, state = load_trained(run_dir)
     trainer.close()
@@ -246,6 +250,16 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
     other = run(ref_solver, jax.random.normal(jax.random.key(3), x_eval.shape), jnp.float32(scales[0]))
     features, accuracy = digits_classifier()
     f_ref = features(refs[scales[0]])
+    # DPM-Solver-v3's statistics of the guided model, on training digits with their labels
+    from dpmjax.train.data import load_digits_array
+
+    images, image_labels = load_digits_array()
+    t0 = time.perf_counter()
+    ems = jax.block_until_ready(dpmjax.compute_ems(
+        model_fn, params, jax.random.key(5), ds.shape, schedule=schedule, data=images[:EMS_SAMPLES],
+        condition=image_labels[:EMS_SAMPLES], n_lambdas=EMS_LAMBDAS,
+        guidance=dpmjax.ClassifierFree(jnp.full((EMS_SAMPLES,), ds.num_classes, jnp.int32), scales[0])))
+    ems_seconds = time.perf_counter() - t0
     swd_key = jax.random.key(4)
 
     def quality(x):
@@ -266,6 +280,12 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
         fixed = {f"{label} {sk}": measure(dpmjax.solver(schedule, steps=nfe, order=order, skip_type=sk, **kw),
                                           scales[0], True)
                  for label, kw in FIXED for sk in dpmjax.timesteps.SKIP_TYPES}
+        try:
+            v3 = measure(dpmjax.solver(schedule, steps=nfe, skip_type="logSNR", ems=ems, **v3_settings(nfe)),
+                         scales[0], True)
+        except ValueError as e:  # too few steps for its order
+            print(f"  v3 at NFE {nfe}: {e}")
+            v3 = None
         t0, c0 = time.perf_counter(), time.process_time()
         solver, info = dpmjax.fit_solver(model_fn, params, None, x_fit.shape, noise=x_fit, schedule=schedule,
                                          steps=nfe, iters=iters, base_iters=base_iters, lr=lr, batch_size=batch_size,
@@ -279,7 +299,8 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
         transfer = {sc: dict(fitted=measure(info["base_solvers"][best_fitted], sc), learned=measure(solver, sc))
                     for sc in scales}
         rows.append(dict(problem=f"digits UNet, guidance {scales[0]:g}", problem_index=99, nfe=nfe, fixed=fixed,
-                         fitted=fitted, base=info["base"], learned=measure(solver, scales[0], True),
+                         fitted=fitted, v3=v3, ems_seconds=ems_seconds, base=info["base"],
+                         learned=measure(solver, scales[0], True),
                          seconds=seconds, cpu_seconds=cpu, base_seconds=info["base_seconds"],
                          teacher_seconds=info["teacher_seconds"], iterations=info["iterations"],
                          heldout_start=info["start_loss"], heldout_learned=info["heldout_loss"],
@@ -310,16 +331,21 @@ def digits_table(rows, args):
         f"distances for 500-step samples from *other* noises (FD {r0['floor']['fd']:.3g}, SWD "
         f"{r0['floor']['swd']:.3g}): what two independent sets of this size differ by (a solver's samples share "
         "their noises with the reference, so its distances can be lower). Best fixed and fitted: the best by RMS "
-        "error.", "",
-        "| NFE | RMS: best fixed | fitted grid | learned | **learned / fitted** | mean: fitted | learned | "
-        "**learned / fitted** | FD: best fixed | fitted | learned | SWD: best fixed | fitted | learned | "
+        "error. v3: DPM-Solver-v3 on the logSNR grid (the authors' CIFAR-10 settings for the NFE) with "
+        f"statistics of the guided model from `compute_ems` ({EMS_SAMPLES} training digits with their labels, "
+        f"{EMS_LAMBDAS} lambdas; {r0.get('ems_seconds', float('nan')):.0f} s).", "",
+        "| NFE | RMS: best fixed | fitted grid | learned | **learned / fitted** | v3 | mean: fitted | learned | "
+        "**learned / fitted** | FD: best fixed | fitted | learned | v3 | SWD: best fixed | fitted | learned | "
         "calibration (s) | CPU time (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["nfe"]):
         f, g, lrn = r["fixed"][best(r["fixed"], "rms")], r["fitted"][best(r["fitted"], "rms")], r["learned"]
+        v3 = r.get("v3")
+        v3_rms, v3_fd = ("-", "-") if v3 is None else (f"{v3['rms']:.2e}", f"{v3['fd']:.3g}")
         lines.append(f"| {r['nfe']} | {f['rms']:.2e} | {g['rms']:.2e} | {lrn['rms']:.2e} | "
-                     f"**{lrn['rms'] / g['rms']:.2f}** | {g['mean']:.2e} | {lrn['mean']:.2e} | "
+                     f"**{lrn['rms'] / g['rms']:.2f}** | {v3_rms} | {g['mean']:.2e} | {lrn['mean']:.2e} | "
                      f"**{lrn['mean'] / g['mean']:.2f}** | {f['fd']:.3g} | {g['fd']:.3g} | {lrn['fd']:.3g} | "
+                     f"{v3_fd} | "
                      f"{f['swd']:.3g} | {g['swd']:.3g} | {lrn['swd']:.3g} | {r['seconds']:.0f} | "
                      f"{r['cpu_seconds']:.0f} |")
     lines += ["", "Fitted at one guidance scale, sampled at others (each against the 500-step reference at that "
@@ -362,8 +388,8 @@ def table(rows, args, wall, backend, prov):
             "result. v3: DPM-Solver-v3 on the logSNR grid with statistics from "
             "`compute_ems` (4096 data samples; the authors' CIFAR-10 settings for the NFE). 50 steps: "
             "DPM-Solver++(2M) with 50 logSNR steps, for scale. Calibration: the whole default `fit_solver` call "
-            "(teacher, both grid fits, both fits, compilation): wall time, of which the grid fits, and the process's CPU "
-            f"time (all threads). {backend}; wall time of the run {wall:.0f}s.", ""]
+            "(teacher, both grid fits on its trajectories, both fits, compilation): wall time, of which the grid "
+            f"fits, and the process's CPU time (all threads). {backend}; wall time of the run {wall:.0f}s.", ""]
         for m in MEASURES:
             lines += [f"### Error: {MEASURE_TITLES[m]}", "",
                       "| problem | NFE | best fixed | fitted grid | learned | **learned / fitted** | mean loss "
