@@ -141,15 +141,16 @@ def _closure_model(i, mb=8):
 
 @pytest.mark.slow
 def test_model_functions_are_released_after_their_calls():
-    """10 closures, each capturing a large array, are all garbage after their ``sample``,
-    ``fit_timesteps``, ``compute_ems`` and ``fit_solver`` calls (nothing module-level holds
-    them; a cache of any size that held them strongly would keep at least the last ones)."""
+    """Closures, each capturing a large array, are all garbage after their ``sample``,
+    ``fit_timesteps``, ``compute_ems`` and ``fit_solver`` calls: nothing module-level holds
+    them (a cache that held them strongly, of any size, would keep at least the last one of
+    each kind)."""
     schedule = dpmjax.VPLinear()
     base = dpmjax.solver(schedule, steps=3, method="unipc")
     refs = []
-    for i in range(10):
+    for i in range(5):
         model_fn, gm = _closure_model(i)
-        which = i % 5
+        which = i
         if which == 0:
             dpmjax.sample(model_fn, gm, jax.random.key(i), (8, 2), schedule=schedule, grid=dpmjax.Grid(steps=3))
         elif which == 1:
