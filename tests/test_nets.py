@@ -118,3 +118,19 @@ def test_sample_with_classifier_free_guidance(unet):
     assert float(jnp.min(jnp.max(jnp.abs(s3 - sample(other, 3.0)), axis=(1, 2, 3)))) > 1e-4  # labels matter
     # scale 0 is the unconditional (null-class) model: the labels no longer matter
     np.testing.assert_allclose(sample(labels, 0.0), sample(other, 0.0), atol=1e-6)
+
+
+def test_numpy_float64_input_is_read_in_jax_dtype_without_a_warning(mlp, unet):
+    """Called eagerly on float64 NumPy arrays (as a loop written in NumPy does) without
+    jax_enable_x64, the networks compute in float32 and warn about no truncation."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    for (graphdef, params, _), shape, cond in ((mlp, (3, 2), None), (unet, (3, 8, 8, 1), jnp.arange(3))):
+        fn = as_model_fn(graphdef)
+        x = rng.standard_normal(shape)  # float64
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = fn(params, x, np.full(3, 0.5), cond)
+        assert out.dtype == jnp.float32
+        np.testing.assert_array_equal(out, fn(params, jnp.asarray(x, jnp.float32), np.full(3, 0.5), cond))

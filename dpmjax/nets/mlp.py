@@ -66,6 +66,7 @@ class MLP(nnx.Module):
     def __call__(self, x, t, condition=None):
         if condition is not None:
             raise ValueError("MLP is unconditional; condition must be None")
+        x = jnp.asarray(x)  # JAX's dtype (a float64 NumPy input is float32 without jax_enable_x64)
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x.shape[:1])
         temb = sinusoidal_embedding(t, self.temb_dim, time_scale=self.time_scale)
         temb = self.time2(jax.nn.silu(self.time1(temb)))

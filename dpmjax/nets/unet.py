@@ -106,6 +106,7 @@ class UNet(nnx.Module):
                                  kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
 
     def __call__(self, x, t, condition=None):
+        x = jnp.asarray(x)  # JAX's dtype (a float64 NumPy input is float32 without jax_enable_x64)
         b = x.shape[0]
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
         temb = sinusoidal_embedding(t, self.temb_dim, time_scale=self.time_scale)
