@@ -535,7 +535,8 @@ def test_model_types_agree(x64, algorithm):
 def _cond_eps(x, t_model, c, sched):
     t = sched.solver_time(t_model)
     a, s = sched.alpha(t)[:, None], sched.sigma(t)[:, None]
-    return s * (x - a * (jnp.asarray(MEAN) + c)) / (a**2 * jnp.asarray(STD) ** 2 + s**2)
+    # in x's dtype: the module-level float64 constants are shared by float32 and float64 tests
+    return s * (x - a * (jnp.asarray(MEAN, x.dtype) + c)) / (a**2 * jnp.asarray(STD, x.dtype) ** 2 + s**2)
 
 
 _CALLS = []
