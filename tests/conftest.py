@@ -9,9 +9,36 @@ that nothing compiles before an error, or again for new values.
 """
 
 import logging
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+
+_JIT_CACHE = "DPMJAX_TESTS_JIT_CACHE"
+
+
+def pytest_configure(config):
+    """Many tests compile the same program through a new closure (a fresh ``model_fn`` per
+    test), and the xdist workers compile the same programs: JAX's persistent compilation
+    cache compiles each once per run. The directory is made by the first process (the xdist
+    controller, whose environment the workers inherit) and removed by it at the end."""
+    if os.environ.get("DPMJAX_TESTS_NO_JIT_CACHE"):
+        return
+    if _JIT_CACHE not in os.environ:
+        os.environ[_JIT_CACHE] = config._dpmjax_jit_cache = tempfile.mkdtemp(prefix="dpmjax-tests-jit-")
+    jax.config.update("jax_compilation_cache_dir", os.environ[_JIT_CACHE])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    made = getattr(config, "_dpmjax_jit_cache", None)
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        os.environ.pop(_JIT_CACHE, None)
 
 
 #: dpmjax's own compiled programs (solver tables, fixed-step and adaptive samplers, fitting).
