@@ -80,6 +80,19 @@ def best(entries, measure):
     return min(entries, key=lambda k: entries[k][measure])
 
 
+def v3_solver(schedule, nfe, ems):
+    """DPM-Solver-v3 at ``nfe`` evaluations on the logSNR grid with the authors' CIFAR-10
+    settings for that NFE, or ``None`` where it has too few steps for its order."""
+    import dpmjax
+    from v3_accuracy import v3_settings
+
+    try:
+        return dpmjax.solver(schedule, steps=nfe, skip_type="logSNR", ems=ems, **v3_settings(nfe))
+    except ValueError as e:
+        print(f"  v3 at NFE {nfe}: {e}")
+        return None
+
+
 def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda rows: None):
     import jax
     import jax.numpy as jnp
@@ -87,7 +100,6 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
     import accuracy
     import dpmjax
     from dpmjax import learned
-    from v3_accuracy import v3_settings
 
     schedule = dpmjax.VPLinear()
     problems = accuracy.make_problems(jnp, dpmjax)
@@ -127,12 +139,8 @@ def run(problems_idx, nfes, n_fit, n_eval, iters, base_iters, lr, report=lambda 
                     for sk in dpmjax.timesteps.SKIP_TYPES:
                         fixed[f"{label} {sk}"] = measure(dpmjax.solver(schedule, steps=nfe, order=order,
                                                                        skip_type=sk, **kw), run64, x_ref)
-                try:
-                    v3 = measure(dpmjax.solver(schedule, steps=nfe, skip_type="logSNR", ems=ems, **v3_settings(nfe)),
-                                 run64, x_ref)
-                except ValueError as e:  # too few steps for its order
-                    print(f"  v3 at NFE {nfe}: {e}")
-                    v3 = None
+                v3 = v3_solver(schedule, nfe, ems)
+                v3 = None if v3 is None else measure(v3, run64, x_ref)
                 many = measure(dpmjax.solver(schedule, steps=50, order=2, skip_type="logSNR"), run64, x_ref)
             t0, c0 = time.perf_counter(), time.process_time()
             solver, info = dpmjax.fit_solver(model_fn, gm, None, x_fit.shape, noise=x_fit, schedule=schedule,
@@ -233,7 +241,6 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
     from dpmjax import learned
     from dpmjax.train.metrics import sliced_wasserstein
     from dpmjax.train.trainer import load_trained
-    from v3_accuracy import v3_settings
 
     trainer, state = load_trained(run_dir)
     trainer.close()
@@ -280,12 +287,8 @@ def run_digits(run_dir, nfes, n_fit, n_eval, iters, base_iters, lr, scales, repo
         fixed = {f"{label} {sk}": measure(dpmjax.solver(schedule, steps=nfe, order=order, skip_type=sk, **kw),
                                           scales[0], True)
                  for label, kw in FIXED for sk in dpmjax.timesteps.SKIP_TYPES}
-        try:
-            v3 = measure(dpmjax.solver(schedule, steps=nfe, skip_type="logSNR", ems=ems, **v3_settings(nfe)),
-                         scales[0], True)
-        except ValueError as e:  # too few steps for its order
-            print(f"  v3 at NFE {nfe}: {e}")
-            v3 = None
+        v3 = v3_solver(schedule, nfe, ems)
+        v3 = None if v3 is None else measure(v3, scales[0], True)
         t0, c0 = time.perf_counter(), time.process_time()
         solver, info = dpmjax.fit_solver(model_fn, params, None, x_fit.shape, noise=x_fit, schedule=schedule,
                                          steps=nfe, iters=iters, base_iters=base_iters, lr=lr, batch_size=batch_size,
