@@ -92,28 +92,16 @@ DEFAULT_BASES = (
 
 
 def _run(solver, model_fn, params, x_T, condition=None, uncond=None, scale=1.0, remat=False, unroll=False):
-    """``solver`` driven through its public one-step API, the network called through
+    """``solver``'s sample from ``x_T``, the network called through
     :class:`dpmjax.models.Network` (condition, classifier-free guidance as one batched call)
-    as ``dpmjax.sample`` does. The steps run in a ``lax.scan`` (``remat``: each step under
-    ``jax.checkpoint``, so the backward pass keeps one state per step), or, with ``unroll``,
-    as one straight-line program. A Python number ``scale`` chooses the guidance branch when
-    the program is traced (no conditional in it)."""
+    and the steps driven by ``sampler._run_steps`` (``remat``, ``unroll``), as
+    ``dpmjax.sample`` does. A Python number ``scale`` chooses the guidance branch when the
+    program is traced (no conditional in it)."""
     dtype = solver.plan.ax.dtype
     scale = scale if isinstance(scale, numbers.Real) else jnp.asarray(scale, dtype)
     net = _models.Network(model_fn, params, condition, "none" if uncond is None else "cfg", uncond, scale, None,
                           solver.options.model_type, dtype)
-
-    def body(state, _):
-        x_in, t_in = solver.model_inputs(state)
-        return solver.step(state, net(x_in, t_in)), None
-
-    if unroll:
-        state = solver.init(x_T)
-        for _ in range(solver.num_evals):
-            state, _ = body(state, None)
-        return solver.result(state)
-    body = jax.checkpoint(body) if remat else body
-    state, _ = jax.lax.scan(body, solver.init(x_T), None, length=solver.num_evals)
+    state, _ = _sampler._run_steps(solver, net, x_T, remat=remat, unroll=unroll)
     return solver.result(state)
 
 

@@ -123,12 +123,38 @@ def _initial(shape, stochastic, prior_std, key, noise, sharding):
     return x_T, key_steps
 
 
+def _run_steps(solver, net, x_T, key=None, *, unroll=False, remat=False, correcting_xt_fn=None, save=None):
+    """Drive ``solver`` from ``x_T`` through its one-step API: at every evaluation the network
+    call ``net(x_in, t_in, alpha, sigma, in_scale)`` (a :class:`dpmjax.models.Network`) and
+    ``solver.step``. Returns ``(state, saved)``: the final state and, in a ``lax.scan``, the
+    stacked ``save(state, i)`` of every row (``None`` without ``save``).
+
+    The steps run in a ``lax.scan`` (``remat``: each step under ``jax.checkpoint``, so a
+    backward pass keeps one state per step), or, with ``unroll``, as one straight-line
+    program (no saved values): XLA's CPU backend runs a network's convolutions inside a
+    loop body or a conditional several times more slowly."""
+    plan = solver.plan
+
+    def body(state, _):
+        i = state.i
+        x_in, t_in = solver.model_inputs(state)
+        out = net(x_in, t_in, plan.alpha[i], plan.sigma[i], plan.in_scale[i])
+        state = solver.step(state, out, correcting_xt_fn=correcting_xt_fn)
+        return state, None if save is None else save(state, i)
+
+    state = solver.init(x_T, key=key)
+    if unroll:
+        for _ in range(solver.num_evals):
+            state, _ = body(state, None)
+        return state, None
+    return jax.lax.scan(jax.checkpoint(body) if remat else body, state, None, length=solver.num_evals)
+
+
 def _fixed_program(refs, static, solver, params, key, noise, condition, uncond, scale):
-    """The fixed-step program: ``init``, a ``lax.scan`` of the network call and the
-    solver's ``step``, ``result``. With ``unroll`` (the fitting programs on CPU; no saved
-    states) the steps are one straight-line program and classifier-free guidance is always
-    the batched guided call: XLA's CPU backend runs a network's convolutions inside a loop
-    body or a conditional several times more slowly."""
+    """The fixed-step program: ``init``, the network call and the solver's ``step`` per
+    evaluation (``_run_steps``), ``result``. With ``unroll`` (the fitting programs on CPU;
+    no saved states) the steps are one straight-line program and classifier-free guidance is
+    always the batched guided call (no conditional around the network)."""
     model_fn, classifier_fn, correcting_xt_fn = (None if r is None else r() for r in refs)
     shape, model_type, kind, save_states, sharding, unroll = static
     plan, layout = solver.plan, solver.layout
@@ -137,22 +163,11 @@ def _fixed_program(refs, static, solver, params, key, noise, condition, uncond, 
     net = _models.Network(model_fn, params, condition, kind, uncond, jnp.asarray(scale, dtype), classifier_fn,
                           model_type, dtype, guided_always=unroll)
 
-    def body(state, _):
-        i = state.i
-        x_in, t_in = solver.model_inputs(state)
-        out = net(x_in, t_in, plan.alpha[i], plan.sigma[i], plan.in_scale[i])
-        state = solver.step(state, out, correcting_xt_fn=correcting_xt_fn)
-        saved = None
-        if save_states:
-            saved = (state.x / plan.x_scale[i], None if state.y is None else state.y / plan.y_scale[i])
-        return state, saved
+    def save(state, i):
+        return state.x / plan.x_scale[i], None if state.y is None else state.y / plan.y_scale[i]
 
-    if unroll:
-        state = solver.init(x_T, key=key_steps)
-        for _ in range(solver.num_evals):
-            state, _ = body(state, None)
-    else:
-        state, saved = jax.lax.scan(body, solver.init(x_T, key=key_steps), None, length=solver.num_evals)
+    state, saved = _run_steps(solver, net, x_T, key_steps, unroll=unroll, correcting_xt_fn=correcting_xt_fn,
+                             save=save if save_states else None)
     states = None
     if save_states:
         picks = sorted([(k, 0, r) for r, k in enumerate(layout.x_step) if k > 0]
