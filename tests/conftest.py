@@ -6,6 +6,8 @@ never leaks into other tests). Build schedules and mixtures *inside* the test: a
 
 ``compiled_during(fn)``: the programs JAX compiles while ``fn()`` runs, for the tests
 that nothing compiles before an error, or again for new values.
+
+A run's processes share a persistent compilation cache (``pytest_configure``).
 """
 
 import logging
