@@ -76,6 +76,8 @@ CASES = [
      r"lambda is not finite .*t_end = 1e-45 in float32"),
     ("discrete-t_end-below-t_eps", lambda: call(schedule=DISCRETE, t_end=1e-4), ValueError,
      r"t_end must be in \[0.001, .*t_eps = 1/N"),
+    ("continuous-t_end-0", lambda: call(t_end=0.0), ValueError,
+     r"t_end must be in \(0, t_start = 1.0\) \(never 0: lambda is infinite there\); got 0.0"),
     # correcting_xt_fn where it cannot apply
     ("correcting-adaptive", lambda: call(method="adaptive", correcting_xt_fn=lambda x, t, s: x), ValueError,
      r"correcting_xt_fn is not available for method='adaptive'"),
