@@ -96,7 +96,11 @@ def write_file(path: str | os.PathLike, write: Writer) -> str:
     directory, name = os.path.split(path)
     if os.path.isdir(path):
         raise IsADirectoryError(errno.EISDIR, "is a directory; give a file name", path)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    except OSError as e:  # the directory is missing or not writable: say so about the target
+        raise OSError(e.errno, f"{e.strerror}: cannot create a file in {directory!r} (nothing was written)",
+                      path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.chmod(tmp, file_mode())

@@ -373,7 +373,7 @@ def fit_solver(
         ``start_loss`` and ``heldout_loss`` (the ``loss`` to the teacher on the held-out
         noises, of the best start and of the result), per base ``base_losses`` (its start's
         held-out loss), ``base_solvers`` (the start) and ``learned_losses`` (the held-out
-        loss of its fit; ``inf`` when the fit gave nothing finite), ``iterations`` (all
+        loss of its fit; ``inf`` when it ran no iteration or gave nothing finite), ``iterations`` (all
         fits), ``history`` (per base: the held-out losses during its fit), ``seconds``,
         ``teacher_seconds``, ``base_seconds`` (the grid fits) and ``improved``.
 
@@ -384,6 +384,7 @@ def fit_solver(
     Example::
 
         learned = dpmjax.fit_solver(model_fn, params, key, (1024, 2), schedule=schedule, steps=5)
+        x_T = learned.prior_std * jax.random.normal(jax.random.key(1), (4096, 2))
         state = learned.init(x_T)
         for _ in range(learned.num_evals):
             x, t = learned.model_inputs(state)
@@ -397,7 +398,11 @@ def fit_solver(
         raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
     _solvers._choice("model_type", model_type, _models.MODEL_TYPES)
     steps = _solvers._integer("steps", steps, 1, 10_000)
-    shape = tuple(shape) if noise is None else tuple(jnp.shape(noise))
+    if noise is not None:
+        noise_shape = tuple(jnp.shape(noise))
+        if shape is not None and tuple(shape) != noise_shape:
+            raise ValueError(f"noise must have shape {tuple(shape)} (the shape argument); got {noise_shape}")
+    shape = tuple(shape) if noise is None else noise_shape
     if len(shape) < 2 or any(not isinstance(s, numbers.Integral) or s < 1 for s in shape):
         raise ValueError(f"shape must be (n, *sample_shape) of positive ints; got {shape}")
     n = int(shape[0])
@@ -695,8 +700,9 @@ def _check_shape(shape):
         shape = tuple(shape)
     except TypeError:
         raise TypeError(f"sample_shape must be a tuple of ints; got {shape!r}") from None
-    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
-        raise ValueError(f"sample_shape must be a tuple of positive ints; got {shape}")
+    if not shape or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+        raise ValueError(f"sample_shape must be a non-empty tuple of positive ints (one sample's shape, no batch "
+                         f"axis); got {shape}")
     return tuple(int(s) for s in shape)
 
 
@@ -721,6 +727,10 @@ def load_solver(path: str | os.PathLike, *, schedule: Optional[NoiseSchedule] = 
     """
     path = _fit._check_path(path)
     arrays, doc = _read(path)
+    want = np.dtype(_solvers.compute_dtype()).name
+    if doc.get("dtype") in ("float32", "float64") and doc["dtype"] != want:
+        raise ValueError(f"solver file {path!r} computes in {doc['dtype']}, but JAX computes in {want} now (switch "
+                         f"jax_enable_x64 {'on' if doc['dtype'] == 'float64' else 'off'} to load it)")
     bad = lambda why: ValueError(f"solver file {path!r} is not a valid dpmjax solver: {why}")  # noqa: E731
     try:
         solver = _from_arrays(arrays, doc)
@@ -751,6 +761,13 @@ def _read(path):
         raise ValueError(f"solver file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ValueError(f"solver file {path!r} is not a file")
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"solver file {path!r} cannot be read: {e.strerror}") from None
+    if magic != b"PK\x03\x04":  # np.savez writes a zip archive; refuse anything else before np.load reads it
+        raise ValueError(f"solver file {path!r} is not a dpmjax solver file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -840,10 +857,6 @@ def _from_arrays(arrays, doc):
             raise ValueError(f"{k} must be a finite positive {dtype} scalar; got {a!r}")
         scales[k] = jnp.asarray(a)
     fields = {k: (jnp.asarray(plan[k]) if k in plan else None) for k in _up.Plan._fields}
-    if _solvers.compute_dtype() != dtype:
-        raise ValueError(f"the solver computes in {dtype.name}, but JAX computes in "
-                         f"{np.dtype(_solvers.compute_dtype()).name} now (switch jax_enable_x64 "
-                         f"{'on' if dtype == np.float64 else 'off'} to load it)")
     return _solvers.Solver(plan=_up.Plan(**fields), options=opts, layout=layout, **scales)
 
 
@@ -865,6 +878,10 @@ def _check_schedule(path, schedule, doc, arrays, solver):
                              f"{saved.get('fields')}, not {desc['type']} {desc['fields']}")
     p = solver.plan
     t = jnp.asarray(p.t_eval)
+    t_max = float(np.max(np.asarray(p.t_eval, np.float64)))
+    if not t_max <= float(schedule.T) * (1 + 1e-6):
+        raise ValueError(f"solver file {path!r} was built for another schedule: it evaluates the model at t = "
+                         f"{t_max:g}, beyond the given {type(schedule).__name__}'s T = {float(schedule.T):g}")
     checks = (("alpha", schedule.alpha(t), p.alpha), ("sigma", schedule.sigma(t), p.sigma),
               ("in_scale", jnp.broadcast_to(schedule.state_scale(t), t.shape), p.in_scale))
     for name, want, have in checks:

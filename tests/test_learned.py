@@ -196,11 +196,27 @@ def test_load_refuses_another_schedule_or_shape(tmp_path):
             dpmjax.load_solver(path, schedule=other)
     with pytest.raises(ValueError, match="shape"):
         dpmjax.load_solver(path, sample_shape=(3,))
-    # without a recorded description the tables themselves are checked
+    # without a recorded description the tables themselves are checked, after the times
     dpmjax.save_solver(path, s)
     dpmjax.load_solver(path, schedule=schedule)
     with pytest.raises(ValueError, match="another schedule: its alpha table"):
+        dpmjax.load_solver(path, schedule=dpmjax.VPLinear(beta_max=10.0))
+    # VPCosine ends at T = 0.9946 < 1: its tables would be NaN at t = 1, so the times are refused first
+    with pytest.raises(ValueError, match=r"another schedule: it evaluates the model at t = 1, beyond the given "
+                                         r"VPCosine's T = 0\.99"):
         dpmjax.load_solver(path, schedule=dpmjax.VPCosine())
+
+
+def test_load_names_the_precision_of_a_valid_file(tmp_path, x64):
+    """A float32 solver loaded with jax_enable_x64 on is a valid file in the other precision: the
+    error says which switch to flip, not that the file is invalid."""
+    path = tmp_path / "s.npz"
+    with jax.enable_x64(False):
+        schedule = dpmjax.VPLinear()
+        dpmjax.save_solver(path, _corrected(schedule), schedule=schedule)
+    with pytest.raises(ValueError, match="computes in float32, but JAX computes in float64 now") as e:
+        dpmjax.load_solver(path)
+    assert "not a valid" not in str(e.value)
 
 
 def _rewrite(src, dst, change):
@@ -222,7 +238,7 @@ def test_load_refuses_corrupt_and_foreign_files(tmp_path):
     (tmp_path / "trunc.npz").write_bytes(data[: len(data) // 2])
     cases["trunc.npz"] = "not a dpmjax solver file"
     (tmp_path / "text.npz").write_text("hello")
-    cases["text.npz"] = "not a dpmjax solver file"
+    cases["text.npz"] = r"not a dpmjax solver file \(not an .npz archive\)"
     np.savez(tmp_path / "foreign.npz", a=np.zeros(3))
     cases["foreign.npz"] = "not a dpmjax solver file"
 
@@ -266,8 +282,12 @@ def test_save_is_atomic_and_refuses_bad_input(tmp_path):
     before = path.read_bytes()
     with pytest.raises(ValueError, match="JSON"):
         dpmjax.save_solver(path, s, bad=object())
-    with pytest.raises(ValueError, match="sample_shape"):
-        dpmjax.save_solver(path, s, sample_shape=(0,))
+    for shape in ((0,), ()):
+        with pytest.raises(ValueError, match="sample_shape must be a non-empty tuple of positive ints"):
+            dpmjax.save_solver(path, s, sample_shape=shape)
+    with pytest.raises(FileNotFoundError, match="cannot create a file in") as e:
+        dpmjax.save_solver(tmp_path / "no-such-dir" / "s.npz", s)
+    assert e.value.filename == str(tmp_path / "no-such-dir" / "s.npz")  # the target, not a temporary name
     with pytest.raises(TypeError, match="solver"):
         dpmjax.save_solver(path, "solver")
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
@@ -429,10 +449,15 @@ def test_fit_refuses_bad_input():
         (dict(base="unipc"), TypeError, "base"),
         (dict(teacher_steps=401), ValueError, "teacher_steps = 401 has no divisor from steps = 4 to 40"),
         (dict(base=dpmjax.solver(dpmjax.VPCosine(), steps=4, method="unipc")), ValueError, "another schedule"),
+        (dict(base=base, eval_every=0), ValueError, "eval_every must be >= 1; got 0"),
     ]
     for extra, err, msg in bad:
         with pytest.raises(err, match=msg):
             dpmjax.fit_solver(model_fn, gm, None, x.shape, **{**kw, **extra})
+    # a shape that disagrees with the given noise is refused, not ignored
+    with pytest.raises(ValueError, match=r"noise must have shape \(64, 2\) \(the shape argument\); got \(" +
+                       str(x.shape[0])):
+        dpmjax.fit_solver(model_fn, gm, None, (64, 2), base=base, **kw)
 
 
 @pytest.mark.slow
