@@ -398,11 +398,9 @@ def fit_solver(
         raise TypeError(f"schedule must be a dpmjax.NoiseSchedule; got {type(schedule).__name__}")
     _solvers._choice("model_type", model_type, _models.MODEL_TYPES)
     steps = _solvers._integer("steps", steps, 1, 10_000)
-    if noise is not None:
-        noise_shape = tuple(jnp.shape(noise))
-        if shape is not None and tuple(shape) != noise_shape:
-            raise ValueError(f"noise must have shape {tuple(shape)} (the shape argument); got {noise_shape}")
-    shape = tuple(shape) if noise is None else noise_shape
+    if noise is not None and shape is not None:  # the sampler's check of noise against shape (the key: below)
+        _sampler._check_draw(tuple(shape), None, noise, False)
+    shape = tuple(shape) if noise is None else tuple(jnp.shape(noise))
     if len(shape) < 2 or any(not isinstance(s, numbers.Integral) or s < 1 for s in shape):
         raise ValueError(f"shape must be (n, *sample_shape) of positive ints; got {shape}")
     n = int(shape[0])

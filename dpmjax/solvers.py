@@ -157,9 +157,10 @@ def resolve_times(schedule, t_start, t_end, names=("t_start", "t_end")):
     if not (np.isfinite(a) and 0.0 < a <= schedule.T):
         raise ValueError(f"{n0} must be in (0, schedule.T = {schedule.T}]; got {a}")
     if not (np.isfinite(b) and lo <= b and 0.0 < b < a):
-        where = f"[{lo:g}, {n0} = {a})" if lo > 1e-300 else f"(0, {n0} = {a})"
+        discrete = lo > 1e-300  # a first knot; otherwise lo is only the smallest positive float
+        where = f"[{lo:g}, {n0} = {a})" if discrete else f"(0, {n0} = {a})"
         raise ValueError(f"{n1} must be in {where} (never 0: lambda is infinite there"
-                         + ("; a discrete schedule starts at t_eps = 1/N" if lo > 1e-300 else "") + f"); got {b}")
+                         + ("; a discrete schedule starts at t_eps = 1/N" if discrete else "") + f"); got {b}")
     dtype = compute_dtype()
     ac, bc = _as_compute_dtype([a, b], dtype)
     if not ac > bc:
